@@ -1,0 +1,73 @@
+"""Reference detectors on the same cached semantic tokens as SANF-AD.
+
+- :class:`KNNScorer`: mean cosine distance to the k nearest normal training features (the DN2 /
+  PANDA baseline without fine-tuning).
+- :class:`GaussianScorer`: squared Mahalanobis distance under one Gaussian fitted to the normal
+  training features, with Ledoit-Wolf or fixed shrinkage of the covariance.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class KNNScorer:
+    """Anomaly score = mean of the ``k`` smallest cosine distances to the training features."""
+
+    def __init__(self, k: int = 2, chunk: int = 1024):
+        self.k, self.chunk = k, chunk
+        self.bank: Tensor | None = None
+
+    def fit(self, features: Tensor) -> KNNScorer:
+        if len(features) < self.k:
+            raise ValueError(f"kNN with k={self.k} needs at least {self.k} training features, got {len(features)}")
+        self.bank = F.normalize(features.float(), dim=1)
+        return self
+
+    def score(self, features: Tensor) -> Tensor:
+        assert self.bank is not None, "fit() first"
+        queries = F.normalize(features.float(), dim=1)
+        scores = []
+        for start in range(0, len(queries), self.chunk):
+            similarity = queries[start:start + self.chunk] @ self.bank.T
+            scores.append((1 - similarity.topk(self.k, dim=1).values).mean(dim=1))
+        return torch.cat(scores)
+
+
+class GaussianScorer:
+    """Anomaly score = (x - mu)^T Sigma^-1 (x - mu) with a shrunk covariance.
+
+    ``shrinkage`` 0 picks the Ledoit-Wolf coefficient from the training data; a value in (0, 1]
+    blends the sample covariance with a scaled identity: (1 - s) S + s (tr S / D) I.
+    """
+
+    def __init__(self, shrinkage: float = 0.0):
+        self.shrinkage = shrinkage
+        self.used_shrinkage = float("nan")
+        self.mean: Tensor | None = None
+        self.precision: Tensor | None = None
+
+    def fit(self, features: Tensor) -> GaussianScorer:
+        samples = features.double()
+        self.mean = samples.mean(dim=0)
+        centred = (samples - self.mean).numpy()
+        if self.shrinkage > 0:
+            covariance = centred.T @ centred / max(len(centred) - 1, 1)
+            self.used_shrinkage = self.shrinkage
+            target = np.trace(covariance) / covariance.shape[0] * np.eye(covariance.shape[0])
+            covariance = (1 - self.shrinkage) * covariance + self.shrinkage * target
+        else:
+            from sklearn.covariance import LedoitWolf
+
+            estimator = LedoitWolf(assume_centered=True).fit(centred)
+            covariance, self.used_shrinkage = estimator.covariance_, float(estimator.shrinkage_)
+        self.precision = torch.from_numpy(np.linalg.pinv(covariance, hermitian=True))
+        return self
+
+    def score(self, features: Tensor) -> Tensor:
+        assert self.mean is not None and self.precision is not None, "fit() first"
+        centred = features.double() - self.mean
+        return ((centred @ self.precision) * centred).sum(dim=1).float()

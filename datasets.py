@@ -1,0 +1,450 @@
+"""Datasets and evaluation protocols.
+
+Every dataset becomes a list of :class:`Task` objects, one per normal class (one-class protocols:
+CIFAR-10/100, STL-10, MNIST, Fashion-MNIST, Cats-vs-Dogs, digits) or per category (MVTec AD, a
+generic folder). A task holds the normal training images and the labelled test images
+(0 = normal, 1 = anomalous), plus pixel masks where the dataset has them. For the one-class
+protocols the test split is one object shared by every task, so it is extracted and cached once.
+
+Nothing is downloaded unless ``download=True``; a missing dataset stops with a :class:`DataError`
+that says where the files are expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from config import Config
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+MVTEC_CATEGORIES = (
+    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw",
+    "tile", "toothbrush", "transistor", "wood", "zipper",
+)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR100_SUPERCLASSES = (
+    "aquatic_mammals", "fish", "flowers", "food_containers", "fruit_and_vegetables", "household_electrical_devices",
+    "household_furniture", "insects", "large_carnivores", "large_man-made_outdoor_things",
+    "large_natural_outdoor_scenes", "large_omnivores_and_herbivores", "medium_mammals", "non-insect_invertebrates",
+    "people", "reptiles", "small_mammals", "trees", "vehicles_1", "vehicles_2",
+)
+DIGITS_SPLIT_SEED = 0  # fixed: the digits train/test halves are part of the dataset's definition
+
+
+class DataError(RuntimeError):
+    """Missing, malformed or unreadable data; the message says what to fix."""
+
+
+class FileLoader:
+    """Loads images from files (picklable, for DataLoader workers)."""
+
+    def __init__(self, paths: Sequence[str]):
+        self.paths = list(paths)
+
+    def __call__(self, position: int) -> Image.Image:
+        path = self.paths[position]
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except (OSError, UnidentifiedImageError, ValueError) as error:
+            raise DataError(f"cannot read image {path} ({error}); remove or replace the file") from None
+
+
+class ArrayLoader:
+    """Loads images from a uint8 array (N, H, W) or (N, H, W, 3)."""
+
+    def __init__(self, pixels: np.ndarray):
+        self.pixels = pixels
+
+    def __call__(self, position: int) -> Image.Image:
+        return Image.fromarray(np.ascontiguousarray(self.pixels[position])).convert("RGB")
+
+
+@dataclass(frozen=True)
+class ImageList:
+    """Images identified by stable ids, with one integer target each, loaded lazily as RGB."""
+
+    ids: tuple[str, ...]
+    targets: np.ndarray
+    loader: Callable[[int], Image.Image]
+    positions: np.ndarray  # positions in the loader's full list
+
+    @classmethod
+    def create(cls, ids: Sequence[str], targets: Sequence[int], loader: Callable[[int], Image.Image]) -> ImageList:
+        return cls(tuple(ids), np.asarray(targets, dtype=np.int64), loader, np.arange(len(ids)))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load(self, index: int) -> Image.Image:
+        return self.loader(int(self.positions[index]))
+
+    def subset(self, indices: np.ndarray) -> ImageList:
+        indices = np.asarray(indices, dtype=np.int64)
+        return ImageList(tuple(self.ids[i] for i in indices), self.targets[indices], self.loader,
+                         self.positions[indices])
+
+    def fingerprint(self) -> str:
+        """Hash of the ids and targets: a cache built for other images is detected as stale."""
+        digest = hashlib.sha256("\n".join(self.ids).encode())
+        digest.update(self.targets.tobytes())
+        return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One normal class (or category): what is trained on and what is scored."""
+
+    name: str
+    train: ImageList
+    test: ImageList
+    test_labels: np.ndarray  # 0 normal, 1 anomalous
+    test_masks: tuple[str | None, ...] | None  # mask path per test image (None = all normal); None = no masks
+    train_key: str  # cache unit names
+    test_key: str
+
+
+# ----------------------------------------------------------------------------- one-class sources
+
+
+@dataclass(frozen=True)
+class LabelledSplits:
+    """A labelled dataset: class names and a train and a test split with class-index targets."""
+
+    classes: tuple[str, ...]
+    train: ImageList
+    test: ImageList
+
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def _folder_split(root: Path, split: str, classes: Sequence[str]) -> ImageList:
+    paths: list[str] = []
+    targets: list[int] = []
+    for index, name in enumerate(classes):
+        folder = root / split / name
+        if not folder.is_dir():
+            raise DataError(f"missing folder {folder}: the folder layout needs {root}/{split}/<class>/ for every class")
+        files = _list_images(folder)
+        paths += [str(p) for p in files]
+        targets += [index] * len(files)
+    ids = [os.path.relpath(p, root) for p in paths]
+    return ImageList.create(ids, targets, FileLoader(paths))
+
+
+def _image_folder(root: Path) -> LabelledSplits:
+    """``root/train/<class>/*`` and ``root/test/<class>/*`` (torchvision ImageFolder layout)."""
+    classes = tuple(sorted(p.name for p in (root / "train").iterdir() if p.is_dir()))
+    if not classes:
+        raise DataError(f"no class folders under {root / 'train'}")
+    return LabelledSplits(classes, _folder_split(root, "train", classes), _folder_split(root, "test", classes))
+
+
+def _has_image_folder(root: Path) -> bool:
+    return (root / "train").is_dir() and (root / "test").is_dir()
+
+
+def _array_split(name: str, pixels: np.ndarray, targets: Sequence[int]) -> ImageList:
+    return ImageList.create([f"{name}/{i}" for i in range(len(pixels))], targets, ArrayLoader(pixels))
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as handle:
+        return pickle.load(handle, encoding="bytes")
+
+
+def _cifar_pixels(batch: dict) -> np.ndarray:
+    return batch[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+
+def _find_pickle_dir(root: Path, name: str, marker: str) -> Path | None:
+    for candidate in (root / name, root):
+        if (candidate / marker).is_file():
+            return candidate
+    return None
+
+
+def _missing(dataset: str, root: Path, expected: str) -> DataError:
+    return DataError(f"{dataset} not found under '{root}': expected {expected}; set --data_root "
+                     f"(or ANOMALY_DATA_ROOT), or --download true where torchvision can fetch it")
+
+
+def _torchvision_download(dataset_class: str, root: Path, **kwargs) -> None:
+    import torchvision.datasets
+
+    getattr(torchvision.datasets, dataset_class)(str(root), download=True, **kwargs)
+
+
+def cifar10(root: Path, download: bool) -> LabelledSplits:
+    folder = _find_pickle_dir(root, "cifar-10-batches-py", "data_batch_1")
+    if folder is None and not _has_image_folder(root) and download:
+        _torchvision_download("CIFAR10", root)
+        folder = _find_pickle_dir(root, "cifar-10-batches-py", "data_batch_1")
+    if folder is not None:
+        batches = [_unpickle(folder / f"data_batch_{i}") for i in range(1, 6)]
+        test = _unpickle(folder / "test_batch")
+        train_pixels = np.concatenate([_cifar_pixels(b) for b in batches])
+        train_targets = np.concatenate([b[b"labels"] for b in batches])
+        return LabelledSplits(CIFAR10_CLASSES, _array_split("train", train_pixels, train_targets),
+                              _array_split("test", _cifar_pixels(test), test[b"labels"]))
+    if _has_image_folder(root):
+        return _image_folder(root)
+    raise _missing("CIFAR-10", root, "cifar-10-batches-py/ (torchvision) or train/<class>/ and test/<class>/")
+
+
+def cifar100(root: Path, download: bool) -> LabelledSplits:
+    """CIFAR-100 with the 20 superclasses (coarse labels) as classes."""
+    folder = _find_pickle_dir(root, "cifar-100-python", "train")
+    if folder is None and not _has_image_folder(root) and download:
+        _torchvision_download("CIFAR100", root)
+        folder = _find_pickle_dir(root, "cifar-100-python", "train")
+    if folder is not None:
+        train, test = _unpickle(folder / "train"), _unpickle(folder / "test")
+        return LabelledSplits(CIFAR100_SUPERCLASSES,
+                              _array_split("train", _cifar_pixels(train), train[b"coarse_labels"]),
+                              _array_split("test", _cifar_pixels(test), test[b"coarse_labels"]))
+    if _has_image_folder(root):
+        return _image_folder(root)
+    raise _missing("CIFAR-100", root, "cifar-100-python/ (torchvision) or train/<superclass>/ and test/<superclass>/")
+
+
+def stl10(root: Path, download: bool) -> LabelledSplits:
+    folder = _find_pickle_dir(root, "stl10_binary", "train_X.bin")
+    if folder is None and not _has_image_folder(root) and download:
+        _torchvision_download("STL10", root, split="train")
+        folder = _find_pickle_dir(root, "stl10_binary", "train_X.bin")
+    if folder is not None:
+        def read(split: str) -> tuple[np.ndarray, np.ndarray]:
+            pixels = np.fromfile(folder / f"{split}_X.bin", dtype=np.uint8).reshape(-1, 3, 96, 96)
+            labels = np.fromfile(folder / f"{split}_y.bin", dtype=np.uint8).astype(np.int64) - 1
+            return pixels.transpose(0, 3, 2, 1), labels  # stored column-major
+
+        names = tuple((folder / "class_names.txt").read_text().split())
+        (train_pixels, train_targets), (test_pixels, test_targets) = read("train"), read("test")
+        return LabelledSplits(names, _array_split("train", train_pixels, train_targets),
+                              _array_split("test", test_pixels, test_targets))
+    if _has_image_folder(root):
+        return _image_folder(root)
+    raise _missing("STL-10", root, "stl10_binary/ (torchvision) or train/<class>/ and test/<class>/")
+
+
+def _mnist_like(dataset_class: str, label: str, root: Path, download: bool) -> LabelledSplits:
+    import torchvision.datasets
+
+    if _has_image_folder(root) and not (root / dataset_class).is_dir():
+        return _image_folder(root)
+    try:
+        splits = [getattr(torchvision.datasets, dataset_class)(str(root), train=train, download=download)
+                  for train in (True, False)]
+    except RuntimeError:
+        raise _missing(label, root, f"{dataset_class}/raw/ (torchvision) or train/<class>/ and test/<class>/") from None
+    train, test = splits
+    return LabelledSplits(tuple(train.classes), _array_split("train", train.data.numpy(), train.targets.numpy()),
+                          _array_split("test", test.data.numpy(), test.targets.numpy()))
+
+
+def digits() -> LabelledSplits:
+    """scikit-learn's bundled 8x8 digits (1,797 images), split in halves stratified by digit."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    pixels = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+    train_index, test_index = train_test_split(np.arange(len(pixels)), test_size=0.5, stratify=bunch.target,
+                                               random_state=DIGITS_SPLIT_SEED)
+    ids = [f"digits/{i}" for i in range(len(pixels))]
+    full = ImageList.create(ids, bunch.target, ArrayLoader(pixels))
+    return LabelledSplits(tuple(str(d) for d in range(10)), full.subset(np.sort(train_index)),
+                          full.subset(np.sort(test_index)))
+
+
+def cats_vs_dogs(root: Path, test_fraction: float = 0.2) -> LabelledSplits:
+    """A folder with one subfolder per class (Kaggle PetImages: Cat/, Dog/).
+
+    With ``train/`` and ``test/`` subfolders these are used; otherwise each class's sorted files are
+    shuffled with a fixed seed and the last 20 % are the test split (10,000 / 2,500 per class for the
+    12,500-image Kaggle set, the PANDA / MSAD protocol).
+    """
+    if _has_image_folder(root):
+        return _image_folder(root)
+    if not root.is_dir():
+        raise _missing("Cats-vs-Dogs", root, "one subfolder per class (Cat/, Dog/)")
+    classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
+    if len(classes) < 2:
+        raise _missing("Cats-vs-Dogs", root, "at least two class subfolders (Cat/, Dog/)")
+    rng = np.random.default_rng(0)
+    split_paths: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
+    for index, name in enumerate(classes):
+        files = [str(p) for p in _list_images(root / name)]
+        order = rng.permutation(len(files))
+        n_test = int(round(len(files) * test_fraction))
+        split_paths["test"] += [(files[i], index) for i in sorted(order[:n_test])]
+        split_paths["train"] += [(files[i], index) for i in sorted(order[n_test:])]
+
+    def image_list(pairs: list[tuple[str, int]]) -> ImageList:
+        paths = [p for p, _ in pairs]
+        return ImageList.create([os.path.relpath(p, root) for p in paths], [t for _, t in pairs], FileLoader(paths))
+
+    return LabelledSplits(classes, image_list(split_paths["train"]), image_list(split_paths["test"]))
+
+
+# ----------------------------------------------------------------------------- defect datasets
+
+
+def _defect_task(name: str, root: Path, masks_required: bool, key_prefix: str) -> Task:
+    """``root/train/good``, ``root/test/<defect>``, optional ``root/ground_truth/<defect>/<stem>_mask.png``."""
+    train_folder = root / "train" / "good"
+    if not train_folder.is_dir():
+        raise DataError(f"missing folder {train_folder}: expected {root}/train/good/ and {root}/test/<label>/")
+    if not (root / "test").is_dir():
+        raise DataError(f"missing folder {root / 'test'}: expected {root}/test/good/ and {root}/test/<defect>/")
+    train_paths = [str(p) for p in _list_images(train_folder)]
+    test_paths: list[str] = []
+    labels: list[int] = []
+    masks: list[str | None] = []
+    missing_masks: list[str] = []
+    has_ground_truth = (root / "ground_truth").is_dir()
+    for defect in sorted(p.name for p in (root / "test").iterdir() if p.is_dir()):
+        for path in _list_images(root / "test" / defect):
+            test_paths.append(str(path))
+            labels.append(int(defect != "good"))
+            mask = root / "ground_truth" / defect / f"{path.stem}_mask.png"
+            if defect == "good":
+                masks.append(None)
+            elif mask.is_file():
+                masks.append(str(mask))
+            else:
+                masks.append(None)
+                missing_masks.append(os.path.relpath(path, root))
+    if not train_paths or not test_paths:
+        raise DataError(f"no images under {train_folder} or {root / 'test'}")
+    if missing_masks and (masks_required or has_ground_truth):
+        shown = ", ".join(missing_masks[:5]) + (" ..." if len(missing_masks) > 5 else "")
+        raise DataError(f"{len(missing_masks)} defective test image(s) of '{name}' have no mask "
+                        f"ground_truth/<defect>/<name>_mask.png: {shown}")
+    train = ImageList.create([os.path.relpath(p, root) for p in train_paths], [0] * len(train_paths),
+                             FileLoader(train_paths))
+    test = ImageList.create([os.path.relpath(p, root) for p in test_paths], labels, FileLoader(test_paths))
+    with_masks = has_ground_truth or masks_required
+    return Task(name, train, test, np.asarray(labels), tuple(masks) if with_masks else None,
+                f"{key_prefix}train", f"{key_prefix}test")
+
+
+def mvtec_tasks(root: Path, names: list[str] | None) -> list[Task]:
+    names = list(MVTEC_CATEGORIES) if names is None else names
+    unknown = [n for n in names if n not in MVTEC_CATEGORIES]
+    if unknown:
+        raise DataError(f"unknown MVTec AD category {', '.join(unknown)}; valid: {', '.join(MVTEC_CATEGORIES)}")
+    missing = [n for n in names if not (root / n).is_dir()]
+    if missing:
+        present = [n for n in MVTEC_CATEGORIES if (root / n).is_dir()]
+        raise DataError(f"MVTec AD category folder(s) {', '.join(missing)} not found under '{root}'"
+                        f"{'; present: ' + ', '.join(present) + ' (pass --classes)' if present else ''}")
+    return [_defect_task(n, root / n, True, f"{n}/") for n in names]
+
+
+# ----------------------------------------------------------------------------- protocol
+
+
+def _subset_indices(n: int, limit: int, rng: np.random.Generator) -> np.ndarray:
+    return np.arange(n) if limit <= 0 or limit >= n else np.sort(rng.choice(n, size=limit, replace=False))
+
+
+def _stratified_indices(targets: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
+    """About ``limit`` indices, the same fraction of every target value."""
+    if limit <= 0 or limit >= len(targets):
+        return np.arange(len(targets))
+    chosen = []
+    values, counts = np.unique(targets, return_counts=True)
+    quotas = np.floor(counts * limit / len(targets)).astype(int)
+    quotas[np.argsort(-(counts * limit / len(targets) - quotas))[: limit - quotas.sum()]] += 1
+    for value, quota in zip(values, quotas):
+        members = np.flatnonzero(targets == value)
+        chosen.append(rng.choice(members, size=quota, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def _one_class_tasks(splits: LabelledSplits, names: list[str] | None, config: Config, dataset: str) -> list[Task]:
+    names = list(splits.classes) if names is None else names
+    unknown = [n for n in names if n not in splits.classes]
+    if unknown:
+        raise DataError(f"unknown class {', '.join(unknown)} for {dataset}; valid: {', '.join(splits.classes)}")
+    test = splits.test.subset(_stratified_indices(splits.test.targets, config.max_test,
+                                                  np.random.default_rng(config.seed)))
+    suffix = f"-n{config.max_test}-s{config.seed}" if config.max_test else ""
+    tasks = []
+    for name in names:
+        index = splits.classes.index(name)
+        members = np.flatnonzero(splits.train.targets == index)
+        if len(members) == 0:
+            raise DataError(f"class '{name}' of {dataset} has no training images")
+        rng = np.random.default_rng([config.seed, index])
+        train = splits.train.subset(members[_subset_indices(len(members), config.max_train_per_class, rng)])
+        train_suffix = f"-n{config.max_train_per_class}-s{config.seed}" if config.max_train_per_class else ""
+        tasks.append(Task(name, train, test, (test.targets != index).astype(np.int64), None,
+                          f"train-{name}{train_suffix}", f"test{suffix}"))
+    return tasks
+
+
+def load_tasks(config: Config) -> list[Task]:
+    """The tasks of ``config.dataset`` for ``config.classes``, with the quick-subset limits applied."""
+    root = Path(config.resolved_data_root())
+    names = config.class_list()
+    dataset = config.dataset
+    if dataset != "digits" and not str(root):
+        raise DataError(f"dataset {dataset} needs --data_root (or the environment variable ANOMALY_DATA_ROOT)")
+    if dataset != "digits" and not root.is_dir() and not config.download:
+        raise DataError(f"data root '{root}' does not exist; pass --data_root with the {dataset} folder")
+    if dataset == "mvtec":
+        tasks = mvtec_tasks(root, names)
+    elif dataset == "folder":
+        task = _defect_task(root.name, root, False, "")
+        if names is not None and names != [root.name]:
+            raise DataError(f"the folder dataset has one category, '{root.name}'; got --classes {config.classes}")
+        tasks = [task]
+    else:
+        readers: dict[str, Callable[[], LabelledSplits]] = {
+            "digits": digits,
+            "cifar10": lambda: cifar10(root, config.download),
+            "cifar100": lambda: cifar100(root, config.download),
+            "stl10": lambda: stl10(root, config.download),
+            "mnist": lambda: _mnist_like("MNIST", "MNIST", root, config.download),
+            "fmnist": lambda: _mnist_like("FashionMNIST", "Fashion-MNIST", root, config.download),
+            "catsvsdogs": lambda: cats_vs_dogs(root),
+        }
+        return _one_class_tasks(readers[dataset](), names, config, dataset)
+    if config.max_train_per_class or config.max_test:
+        tasks = [_limit_defect_task(t, config) for t in tasks]
+    return tasks
+
+
+def _limit_defect_task(task: Task, config: Config) -> Task:
+    rng = np.random.default_rng(config.seed)
+    train_index = _subset_indices(len(task.train), config.max_train_per_class, rng)
+    test_index = _stratified_indices(task.test_labels, config.max_test, rng)
+    masks = None if task.test_masks is None else tuple(task.test_masks[i] for i in test_index)
+    tag = f"-n{config.max_train_per_class}-{config.max_test}-s{config.seed}"
+    return Task(task.name, task.train.subset(train_index), task.test.subset(test_index),
+                task.test_labels[test_index], masks, task.train_key + tag, task.test_key + tag)
+
+
+def load_mask(path: str | None, size: tuple[int, int]) -> np.ndarray:
+    """A binary mask resized (nearest) to ``size`` = (height, width); all zeros for None."""
+    if path is None:
+        return np.zeros(size, dtype=bool)
+    try:
+        with Image.open(path) as image:
+            mask = image.convert("L").resize((size[1], size[0]), Image.NEAREST)
+    except (OSError, UnidentifiedImageError) as error:
+        raise DataError(f"cannot read mask {path} ({error}); remove or replace the file") from None
+    return np.asarray(mask) > 127

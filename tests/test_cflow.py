@@ -1,0 +1,295 @@
+"""Tests of the CFLOW-AD model (model.py) and its post-processing (anomaly_map.py).
+
+Run from the repository root: python -m pytest tests/test_cflow.py -q
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from anomaly_map import AnomalyMapGenerator, reference_from_training
+from model import (
+    CFlowModel,
+    build_cflow_decoder,
+    cflow_loss,
+    positional_encoding_2d,
+    shuffled_fiber_chunks,
+)
+
+OFFICIAL_GCONST = -0.9189385332046727  # ln(1/sqrt(2 pi)), ``_GCONST_`` in the official code
+
+
+def perturbed(module: torch.nn.Module, seed: int, scale: float = 0.3) -> torch.nn.Module:
+    """Move every trainable parameter away from its initial value (in place), for tests that init could pass by luck."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            if parameter.requires_grad:
+                parameter.add_(scale * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+    return module
+
+
+# --- positional encoding -------------------------------------------------------------------
+
+
+def test_positional_encoding_shape_and_values():
+    channels, height, width = 8, 3, 5
+    half = channels // 2
+    encoding = positional_encoding_2d(channels, height, width)
+    assert encoding.shape == (channels, height, width)
+    assert encoding[0, 0, 0] == 0.0  # sin(x=0)
+    assert encoding[1, 0, 0] == 1.0  # cos(x=0)
+    assert encoding[half, 0, 0] == 0.0  # sin(y=0)
+    assert encoding[half + 1, 0, 0] == 1.0  # cos(y=0)
+    assert encoding[0, 0, 1] == pytest.approx(math.sin(1.0))  # div_term[0] = 1
+    assert encoding[half, 2, 0] == pytest.approx(math.sin(2.0))
+    # channel 2 is sin(x * 1e4^(-2/half))
+    assert encoding[2, 0, 3] == pytest.approx(math.sin(3 * 1e4 ** (-2 / half)), rel=1e-6)
+    # first half depends on x only, second half on y only
+    assert torch.equal(encoding[:half], encoding[:half, :1].expand(-1, height, -1))
+    assert torch.equal(encoding[half:], encoding[half:, :, :1].expand(-1, -1, width))
+    assert not torch.equal(encoding[:half, :, 0], encoding[:half, :, 1])
+    assert not torch.equal(encoding[half:, 0], encoding[half:, 1])
+
+
+@pytest.mark.parametrize("channels", [2, 6, 127])
+def test_positional_encoding_rejects_channels_not_divisible_by_4(channels):
+    with pytest.raises(ValueError):
+        positional_encoding_2d(channels, 4, 4)
+
+
+# --- conditional decoder -------------------------------------------------------------------
+
+
+def test_decoder_is_invertible_given_the_condition():
+    decoder = perturbed(build_cflow_decoder(6, condition_dims=8, n_blocks=4, seed=0).double(), seed=1)
+    generator = torch.Generator().manual_seed(2)
+    fibers = torch.randn(16, 6, generator=generator, dtype=torch.float64)
+    conditions = torch.randn(16, 8, generator=generator, dtype=torch.float64)
+    z, log_jac_det = decoder(fibers, [conditions])
+    reconstructed, reverse_log_jac_det = decoder(z, [conditions], rev=True)
+    assert not torch.allclose(z, fibers)
+    torch.testing.assert_close(reconstructed, fibers)
+    torch.testing.assert_close(reverse_log_jac_det, -log_jac_det)
+
+
+def test_decoder_log_det_matches_autograd_jacobian():
+    decoder = perturbed(build_cflow_decoder(4, condition_dims=4, n_blocks=2, seed=0).double(), seed=3)
+    generator = torch.Generator().manual_seed(4)
+    fibers = torch.randn(3, 4, generator=generator, dtype=torch.float64)
+    conditions = torch.randn(3, 4, generator=generator, dtype=torch.float64)
+    _, log_jac_det = decoder(fibers, [conditions])
+    for i in range(fibers.shape[0]):
+        condition = conditions[i : i + 1]
+        jacobian = torch.autograd.functional.jacobian(
+            lambda fiber: decoder(fiber.unsqueeze(0), [condition])[0].squeeze(0), fibers[i]
+        )
+        assert jacobian.shape == (4, 4)
+        _, log_abs_det = torch.linalg.slogdet(jacobian)
+        torch.testing.assert_close(log_jac_det[i], log_abs_det)
+    assert log_jac_det.abs().min() > 1e-3  # the perturbed flow is not volume-preserving
+
+
+def test_decoder_output_depends_on_the_condition():
+    decoder = build_cflow_decoder(6, condition_dims=8, n_blocks=2, seed=0)
+    generator = torch.Generator().manual_seed(5)
+    fibers = torch.randn(10, 6, generator=generator)
+    z_a, _ = decoder(fibers, [torch.randn(10, 8, generator=generator)])
+    z_b, _ = decoder(fibers, [torch.randn(10, 8, generator=generator)])
+    assert (z_a - z_b).abs().max() > 1e-3
+
+
+def test_decoder_seed_fixes_permutations_and_weights_without_touching_global_rngs():
+    np.random.seed(7)
+    torch.manual_seed(7)
+    expected_numpy, expected_torch = np.random.rand(), torch.rand(1)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    first = build_cflow_decoder(16, condition_dims=8, n_blocks=3, seed=11).state_dict()
+    assert np.random.rand() == expected_numpy and torch.equal(torch.rand(1), expected_torch)
+
+    again = build_cflow_decoder(16, condition_dims=8, n_blocks=3, seed=11).state_dict()
+    other = build_cflow_decoder(16, condition_dims=8, n_blocks=3, seed=12).state_dict()
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    permutation_keys = [key for key in first if key.endswith("w_perm")]
+    assert len(permutation_keys) == 3
+    assert any(not torch.equal(first[key], other[key]) for key in permutation_keys)
+
+
+# --- CFlowModel ----------------------------------------------------------------------------
+
+
+def test_model_keeps_stage_names_and_maps_module_keys():
+    model = CFlowModel({"blocks.2": 6, "blocks.4": 10}, condition_dims=8, n_blocks=2)
+    assert model.stage_names == ("blocks.2", "blocks.4")
+    assert set(model.decoders.keys()) == {"blocks_2", "blocks_4"}
+    assert model.decoder("blocks.4") is model.decoders["blocks_4"]
+    with pytest.raises(ValueError):
+        CFlowModel({"a.b": 4, "a_b": 4}, condition_dims=8, n_blocks=1)
+
+
+def test_fiber_log_likelihood_per_dim_is_the_official_formula_over_channels():
+    channels = 6
+    model = perturbed(CFlowModel({"blocks.2": channels}, condition_dims=8, n_blocks=2), seed=6)
+    generator = torch.Generator().manual_seed(8)
+    fibers = torch.randn(12, channels, generator=generator)
+    conditions = torch.randn(12, 8, generator=generator)
+    z, log_jac_det = model.decoder("blocks.2")(fibers, [conditions])
+    official_log_p = channels * OFFICIAL_GCONST - 0.5 * torch.sum(z**2, 1) + log_jac_det
+    result = model.fiber_log_likelihood_per_dim("blocks.2", fibers, conditions)
+    assert result.shape == (12,)
+    torch.testing.assert_close(result, official_log_p / channels)
+
+
+def test_fibers_of_orders_fibers_b_h_w_with_matching_conditions():
+    model = CFlowModel({"s": 3}, condition_dims=8, n_blocks=1)
+    batch, channels, height, width = 2, 3, 4, 5
+    feature_map = torch.randn(batch, channels, height, width)
+    fibers, conditions = model.fibers_of(feature_map)
+    assert fibers.shape == (batch * height * width, channels)
+    assert conditions.shape == (batch * height * width, 8)
+    encoding = positional_encoding_2d(8, height, width)
+    b, h, w = 1, 2, 3
+    row = b * height * width + h * width + w
+    assert torch.equal(fibers[row], feature_map[b, :, h, w])
+    assert torch.equal(conditions[row], encoding[:, h, w])
+    assert torch.equal(conditions[h * width + w], encoding[:, h, w])
+    second_fibers, second_conditions = model.fibers_of(feature_map)  # cached encoding
+    assert torch.equal(second_conditions, conditions) and torch.equal(second_fibers, fibers)
+
+
+def test_stage_log_likelihood_maps_match_fiber_scores_for_any_chunk():
+    model = perturbed(CFlowModel({"blocks.2": 4, "blocks.4": 6}, condition_dims=8, n_blocks=2), seed=9)
+    generator = torch.Generator().manual_seed(10)
+    features = {
+        "blocks.2": torch.randn(2, 4, 6, 6, generator=generator),
+        "blocks.4": torch.randn(2, 6, 3, 3, generator=generator),
+    }
+    maps = model.stage_log_likelihood_maps(features, chunk=7)
+    whole = model.stage_log_likelihood_maps(features)
+    assert maps["blocks.2"].shape == (2, 6, 6) and maps["blocks.4"].shape == (2, 3, 3)
+    assert not maps["blocks.2"].requires_grad
+    for stage in features:
+        torch.testing.assert_close(maps[stage], whole[stage])
+    fiber = features["blocks.4"][1, :, 2, 0].unsqueeze(0)
+    condition = positional_encoding_2d(8, 3, 3)[:, 2, 0].unsqueeze(0)
+    expected = model.fiber_log_likelihood_per_dim("blocks.4", fiber, condition)
+    torch.testing.assert_close(maps["blocks.4"][1, 2, 0], expected[0])
+
+
+def test_cflow_loss_is_mean_negative_logsigmoid():
+    assert cflow_loss(torch.zeros(5)).item() == pytest.approx(math.log(2.0))
+    assert cflow_loss(torch.tensor([-3.0, 3.0])).item() == pytest.approx(
+        0.5 * (math.log1p(math.exp(3.0)) + math.log1p(math.exp(-3.0)))
+    )
+
+
+def test_shuffled_fiber_chunks_cover_each_fiber_once_and_keep_pairs():
+    fibers = torch.arange(10.0).unsqueeze(1).repeat(1, 3)  # fiber i is (i, i, i)
+    conditions = -fibers[:, :2]  # condition i is (-i, -i)
+    chunks = list(shuffled_fiber_chunks(fibers, conditions, 4, torch.Generator().manual_seed(0)))
+    assert [len(chunk_fibers) for chunk_fibers, _ in chunks] == [4, 4, 2]
+    order = torch.cat([chunk_fibers[:, 0] for chunk_fibers, _ in chunks])
+    assert torch.equal(order.sort().values, torch.arange(10.0))
+    assert not torch.equal(order, torch.arange(10.0))
+    for chunk_fibers, chunk_conditions in chunks:
+        assert torch.equal(chunk_conditions, -chunk_fibers[:, :2])
+
+    def order_for(seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.cat([f[:, 0] for f, _ in shuffled_fiber_chunks(fibers, conditions, 4, generator)])
+
+    assert torch.equal(order_for(0), order)
+    assert not torch.equal(order_for(1), order)
+
+
+# --- anomaly maps --------------------------------------------------------------------------
+
+IMAGE_SIZE = (29, 29)  # with align_corners=True, 8x8 -> 29x29 scales by 4 and 15x15 -> 29x29 by 2
+STAGE_SHAPES = {"blocks.2": (15, 15), "blocks.4": (8, 8)}
+PATCH = {"blocks.2": (slice(4, 7), slice(8, 11)), "blocks.4": (slice(2, 4), slice(4, 6))}
+PATCH_ROWS, PATCH_COLS = range(8, 13), range(16, 21)  # the patch in image pixels, in both stages
+
+
+def synthetic_stage_maps(
+    patched: list[bool], generator: torch.Generator, level: float = -1.0
+) -> dict[str, torch.Tensor]:
+    """log p / C maps: ``level`` plus noise, and -20 on the patch for the images marked in ``patched``."""
+    maps = {}
+    for stage, (height, width) in STAGE_SHAPES.items():
+        log_likelihood = level + 0.1 * torch.randn(len(patched), height, width, generator=generator)
+        rows, cols = PATCH[stage]
+        for image, has_patch in enumerate(patched):
+            if has_patch:
+                log_likelihood[image, rows, cols] = -20.0
+        maps[stage] = log_likelihood
+    return maps
+
+
+def training_reference(generator: torch.Generator) -> dict[str, float]:
+    return reference_from_training(synthetic_stage_maps([False] * 4, generator) for _ in range(3))
+
+
+def test_reference_from_training_takes_the_max_over_batches():
+    batches = [{"s": torch.tensor([[[0.0, -2.0]]])}, {"s": torch.tensor([[[1.5, -3.0]]])}]
+    assert reference_from_training(batches) == {"s": 1.5}
+    with pytest.raises(ValueError):
+        reference_from_training([])
+
+
+def test_anomaly_map_locates_a_known_patch_and_ranks_the_patched_image_higher():
+    generator = torch.Generator().manual_seed(0)
+    map_generator = AnomalyMapGenerator(IMAGE_SIZE, "train", training_reference(generator))
+    stage_maps = synthetic_stage_maps([True, False], generator)
+    anomaly_maps = map_generator(stage_maps)
+    assert anomaly_maps.shape == (2, *IMAGE_SIZE)
+    # on pixels that are grid points of both stages (align_corners=True) the map is exact
+    for r, c in [(0, 0), (3, 5), (7, 7)]:
+        probabilities = [
+            math.exp(stage_maps["blocks.4"][1, r, c].item() - map_generator.reference["blocks.4"]),
+            math.exp(stage_maps["blocks.2"][1, 2 * r, 2 * c].item() - map_generator.reference["blocks.2"]),
+        ]
+        assert anomaly_maps[1, 4 * r, 4 * c].item() == pytest.approx(2 - sum(probabilities), rel=1e-12)
+    row, col = divmod(int(anomaly_maps[0].argmax()), IMAGE_SIZE[1])
+    assert row in PATCH_ROWS and col in PATCH_COLS
+    scores = AnomalyMapGenerator.image_scores(anomaly_maps)
+    assert scores.shape == (2,)
+    assert scores[0] > scores[1] + 1.0
+
+
+def test_train_normalisation_is_batch_independent_and_batch_normalisation_is_not():
+    generator = torch.Generator().manual_seed(1)
+    reference = training_reference(generator)
+    maps = synthetic_stage_maps([True, False], generator)
+    likelier = synthetic_stage_maps([False], generator, level=0.0)  # a normal image with higher log p / C
+    batch = {stage: torch.cat([maps[stage], likelier[stage]]) for stage in maps}
+    single = [{stage: batch[stage][i : i + 1] for stage in batch} for i in range(3)]
+
+    by_train = AnomalyMapGenerator(IMAGE_SIZE, "train", reference)
+    batched_maps = by_train(batch)
+    single_maps = torch.cat([by_train(image) for image in single])
+    assert torch.equal(batched_maps, single_maps)
+
+    by_batch = AnomalyMapGenerator(IMAGE_SIZE, "batch")
+    batched_maps = by_batch(batch)
+    assert batched_maps.min() == 0.0  # max(summed) - summed over the batch
+    assert torch.equal(AnomalyMapGenerator(IMAGE_SIZE, "test")(batch), batched_maps)
+    batched_scores = by_batch.image_scores(batched_maps)
+    single_scores = torch.cat([by_batch.image_scores(by_batch(image)) for image in single])
+    # the normal image (index 1) looks more anomalous next to an image of higher likelihood
+    assert batched_scores[1] > single_scores[1] + 0.5
+
+
+def test_anomaly_map_generator_validates_its_arguments():
+    with pytest.raises(ValueError):
+        AnomalyMapGenerator(IMAGE_SIZE, "global")
+    with pytest.raises(ValueError):
+        AnomalyMapGenerator(IMAGE_SIZE, "train")
+    with pytest.raises(ValueError):
+        AnomalyMapGenerator(IMAGE_SIZE, "batch", {"blocks.2": 0.0})
+    generator = AnomalyMapGenerator(IMAGE_SIZE, "train", {"blocks.2": 0.0})
+    with pytest.raises(ValueError):
+        generator(synthetic_stage_maps([False], torch.Generator().manual_seed(2)))
