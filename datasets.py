@@ -401,7 +401,7 @@ def load_tasks(config: Config) -> list[Task]:
     root = Path(config.resolved_data_root())
     names = config.class_list()
     dataset = config.dataset
-    if dataset != "digits" and not str(root):
+    if dataset != "digits" and not config.resolved_data_root():
         raise DataError(f"dataset {dataset} needs --data_root (or the environment variable ANOMALY_DATA_ROOT)")
     if dataset != "digits" and not root.is_dir() and not config.download:
         raise DataError(f"data root '{root}' does not exist; pass --data_root with the {dataset} folder")

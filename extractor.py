@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -126,6 +127,9 @@ def build_backbone(backbone: str, weights: str) -> tuple[nn.Module, str]:
     """
     import timm
 
+    if not timm.is_model(backbone.split(".")[0]):
+        similar = timm.list_models(f"*{backbone.split('.')[0][:6]}*")[:8]
+        raise ConfigError(f"unknown backbone {backbone!r}; timm model names like: {', '.join(similar) or 'resnet18'}")
     try:
         kwargs = {"dynamic_img_size": True} if _is_vision_transformer(backbone) else {}
         if weights == "default" and packaged_weights_file(backbone) is None:
@@ -158,29 +162,22 @@ def build_backbone(backbone: str, weights: str) -> tuple[nn.Module, str]:
 # ----------------------------------------------------------------------------- features
 
 
-class FeatureExtractor(nn.Module):
-    """Frozen backbone → named feature arrays for a batch of uint8 images (B, 3, S, S)."""
+class _FeatureHead(nn.Module):
+    """Backbone forward → a tuple of feature tensors, in the order of ``names``.
 
-    def __init__(self, config: Config):
+    Stage outputs are captured with forward hooks that live on this module only (no globals).
+    """
+
+    def __init__(self, backbone: nn.Module, is_vit: bool, layers: list[str], patch_grid: int, backbone_name: str):
         super().__init__()
-        import timm
-
-        self.method = config.method
-        self.patch_grid = config.patch_grid
-        self.layers = config.layer_list() if config.method == "cflow" else []
-        self.backbone, self.weights_source = build_backbone(config.backbone, config.weights)
-        self.is_vit = _is_vision_transformer(config.backbone)
-        if not self.is_vit:
-            self.backbone.to(memory_format=torch.channels_last)  # about 1.7x faster convolutions on CPU
-        data_config = timm.data.resolve_data_config({}, model=self.backbone)
-        self.register_buffer("mean", torch.tensor(data_config["mean"]).view(1, 3, 1, 1) * 255)
-        self.register_buffer("std", torch.tensor(data_config["std"]).view(1, 3, 1, 1) * 255)
+        self.backbone, self.is_vit, self.layers, self.patch_grid = backbone, is_vit, layers, patch_grid
+        self.names = tuple(layers) if layers else ("sem", "patches")
         self._stage_outputs: dict[str, Tensor] = {}
-        modules = dict(self.backbone.named_modules())
-        for name in self.layers:
+        modules = dict(backbone.named_modules())
+        for name in layers:
             if name not in modules:
                 stages = [n for n in modules if n and n.count(".") <= 1][:40]
-                raise ConfigError(f"backbone {config.backbone} has no module {name!r}; e.g.: {', '.join(stages)}")
+                raise ConfigError(f"backbone {backbone_name} has no module {name!r}; e.g.: {', '.join(stages)}")
             modules[name].register_forward_hook(self._keep_output(name))
 
     def _keep_output(self, name: str):
@@ -189,13 +186,11 @@ class FeatureExtractor(nn.Module):
 
         return hook
 
-    @torch.inference_mode()
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
-        pixels = ((images.float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+    def forward(self, pixels: Tensor) -> tuple[Tensor, ...]:
         if self.layers:
             self._stage_outputs = {}
             self.backbone.forward_features(pixels)
-            return {name: self._stage_outputs[name] for name in self.layers}
+            return tuple(self._stage_outputs[name] for name in self.layers)
         if self.is_vit:
             tokens = self.backbone.forward_features(pixels)  # final LayerNorm applied
             prefix = getattr(self.backbone, "num_prefix_tokens", 1)
@@ -207,7 +202,51 @@ class FeatureExtractor(nn.Module):
             feature_map = self.backbone.forward_features(pixels)
             semantic = feature_map.mean(dim=(2, 3))
         pooled = F.adaptive_avg_pool2d(feature_map, self.patch_grid)
-        return {"sem": semantic, "patches": pooled.flatten(2).transpose(1, 2)}
+        return semantic, pooled.flatten(2).transpose(1, 2)
+
+
+class FeatureExtractor(nn.Module):
+    """Frozen backbone → named feature arrays for a batch of uint8 images (B, 3, S, S).
+
+    CNN backbones are traced and frozen with TorchScript once (``torch.jit.freeze`` folds the
+    batch norms into the convolutions): about twice the eager throughput on a CPU, the same
+    features up to float rounding (tests/test_extractor.py checks both).
+    """
+
+    def __init__(self, config: Config):
+        super().__init__()
+        import timm
+
+        self.layers = config.layer_list() if config.method == "cflow" else []
+        backbone, self.weights_source = build_backbone(config.backbone, config.weights)
+        self.is_vit = _is_vision_transformer(config.backbone)
+        data_config = timm.data.resolve_data_config({}, model=backbone)
+        self.device = torch.device(config.device)
+        # the backbone's own normalisation (Lite0: mean = std = 0.5; timm ViTs / ResNets: ImageNet)
+        self.register_buffer("mean", torch.tensor(data_config["mean"], device=self.device).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(data_config["std"], device=self.device).view(1, 3, 1, 1) * 255)
+        self.head = _FeatureHead(backbone, self.is_vit, self.layers, config.patch_grid, config.backbone)
+        self.names = self.head.names
+        self.head.to(self.device)
+        self.compute = self.head if self.is_vit else self._frozen_graph(config.img_size)
+
+    def _frozen_graph(self, img_size: int) -> torch.jit.ScriptModule:
+        self.head.backbone.to(memory_format=torch.channels_last)
+        example = torch.zeros(2, 3, img_size, img_size, device=self.device).contiguous(
+            memory_format=torch.channels_last)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated, still the fastest here
+            traced = torch.jit.trace(self.head.eval(), example, check_trace=False)
+            return torch.jit.freeze(traced)
+
+    def normalise(self, images: Tensor) -> Tensor:
+        """uint8 (B, 3, S, S) → normalised float pixels, channels-last."""
+        pixels = (images.to(self.device).float() - self.mean) / self.std
+        return pixels.contiguous(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        return dict(zip(self.names, self.compute(self.normalise(images))))
 
 
 class _ResizedImages(torch.utils.data.Dataset):
@@ -319,7 +358,7 @@ def extract_unit(extractor: FeatureExtractor, images: ImageList, stem: Path, con
               for name, shape in shapes.items()}
     with tqdm(total=len(images), initial=done, desc=desc, unit="img", file=sys.stdout) as bar:
         for batch in image_batches(images, config, start=done):
-            features = extractor(batch.to(config.device))
+            features = extractor(batch)
             for name, value in features.items():
                 value16 = value.float().cpu().numpy().astype(np.float16)
                 if not np.isfinite(value16).all():
@@ -366,7 +405,7 @@ def task_features(extractor: FeatureExtractor, task: Task, config: Config) -> tu
 
 def extract_all(config: Config) -> FeatureExtractor:
     configure_torch(config)
-    extractor = FeatureExtractor(config).to(config.device)
+    extractor = FeatureExtractor(config)
     print(f"backbone {config.backbone}, weights {extractor.weights_source}")
     for task in load_tasks(config):
         task_features(extractor, task, config)

@@ -274,3 +274,78 @@ class CFlowModel(nn.Module):
             ]
             maps[stage] = torch.cat(log_likelihoods).reshape(batch, height, width)
         return maps
+
+
+class SANFModel(nn.Module):
+    """SANF-AD detector: a fixed whitening fitted on the normal training set, then the CAFF flow.
+
+    Preprocessing (buffers, saved with the checkpoint): the semantic token y is centred and whitened
+    with the Ledoit-Wolf shrunk covariance S of the training semantic tokens, x = W (y - mu) with
+    W = S^(-1/2) (ZCA: channels stay aligned with the backbone's). With ``token_dim`` > 0 only the
+    first ``token_dim`` principal axes of S are kept (PCA whitening), so that the flow works on
+    ``token_dim`` channels instead of D. The patch tokens go through the same map, which keeps
+    their channels aligned with the flow's input (the public code's "half" context needs that).
+
+    Why: W is a fixed invertible linear layer, so it changes the NLL only by a constant, but it
+    starts training at the shrunk-Gaussian (Mahalanobis) solution instead of at an isotropic one;
+    with a few thousand normal images in 1280 dimensions the flow cannot learn that covariance
+    from scratch in a few epochs.
+
+    Args:
+        dim: D, channels of the cached tokens.
+        n_tokens: N, patch tokens per image.
+        token_dim: channels the flow works on; 0 keeps all D.
+        n_layers, hidden, heads, clamp, context, fusion, seed: see ``fusion.build_sanf_flow``.
+    """
+
+    def __init__(self, dim: int, n_tokens: int, n_layers: int = 4, hidden: int = 1024, heads: int = 4,
+                 clamp: float = 3.0, context: str = "half", fusion: bool = True, seed: int = 0,
+                 token_dim: int = 0) -> None:
+        super().__init__()
+        from fusion import build_sanf_flow
+
+        if token_dim > dim:
+            raise ValueError(f"token_dim ({token_dim}) cannot exceed the token width ({dim})")
+        self.flow_dim = token_dim or dim
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("whitening", torch.eye(dim)[:, : self.flow_dim].clone())
+        self.flow = build_sanf_flow(self.flow_dim, n_tokens, n_layers=n_layers, hidden=hidden, heads=heads,
+                                    clamp=clamp, context=context, fusion=fusion, seed=seed)
+
+    @torch.no_grad()
+    def fit_preprocessing(self, semantic_tokens: Tensor) -> None:
+        """Mean and whitening from the normal training semantic tokens (M, D)."""
+        from sklearn.covariance import LedoitWolf
+
+        samples = semantic_tokens.double()
+        mean = samples.mean(dim=0)
+        covariance = LedoitWolf(assume_centered=True).fit((samples - mean).numpy()).covariance_
+        eigenvalues, eigenvectors = torch.linalg.eigh(torch.from_numpy(covariance))
+        order = eigenvalues.argsort(descending=True)[: self.flow_dim]
+        axes = eigenvectors[:, order] / eigenvalues[order].clamp_min(1e-12).sqrt()  # (D, flow_dim)
+        if self.flow_dim == len(mean):
+            axes = axes @ eigenvectors[:, order].T  # ZCA: rotate back to the backbone's channels
+        self.mean.copy_(mean)
+        self.whitening.copy_(axes)
+
+    def preprocess(self, tokens: Tensor) -> Tensor:
+        """(..., D) → (..., flow_dim)."""
+        return (tokens - self.mean) @ self.whitening
+
+    def latent(self, semantic_tokens: Tensor, patch_tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """z (B, flow_dim) and log|det dz/dy| (B,) of the preprocessed semantic tokens."""
+        z, log_jac_det = self.flow(self.preprocess(semantic_tokens), c=[self.preprocess(patch_tokens)])
+        return z, log_jac_det
+
+    def nll_per_dim(self, semantic_tokens: Tensor, patch_tokens: Tensor) -> Tensor:
+        """(||z||^2 / 2 - log|det J|) / flow_dim per image (B,): the training loss (Eq. 14 per dimension)."""
+        z, log_jac_det = self.latent(semantic_tokens, patch_tokens)
+        return (0.5 * z.pow(2).sum(dim=1) - log_jac_det) / self.flow_dim
+
+    def anomaly_score(self, semantic_tokens: Tensor, patch_tokens: Tensor, score: str) -> Tensor:
+        """nll: the negative log-likelihood per dimension; z2: mean(z^2), the public code (no log-det)."""
+        if score == "nll":
+            return self.nll_per_dim(semantic_tokens, patch_tokens)
+        if score == "z2":
+            return self.latent(semantic_tokens, patch_tokens)[0].pow(2).mean(dim=1)
+        raise ValueError(f"score must be 'nll' or 'z2', got {score!r}")

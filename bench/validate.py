@@ -1,0 +1,82 @@
+"""Choose SANF / baseline settings on the TRAINING split only, never on the test split.
+
+Each class's cached training features are split in two with the seed: one part fits the detector
+of that class, the held-out parts of all classes form a labelled validation set (the class itself
+normal, every other class anomalous). Prints the mean validation AUROC of each setting given as a
+``--grid`` of Python dicts of Config overrides::
+
+    python bench/validate.py --preset demo --grid '[{"epochs": 0}, {"epochs": 10, "lr": 1e-4}]'
+    python bench/validate.py --preset sanf_cifar10_lite0 --data_root DATA --max_train_per_class 1000 \\
+        --grid '[{"epochs": 0}, {"epochs": 4}]' 
+
+Needs the training caches, i.e. ``extractor.py`` run with the same preset first (or extracts them).
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from config import Config, parse_args  # noqa: E402
+from datasets import load_tasks  # noqa: E402
+from extractor import FeatureExtractor, cached_features  # noqa: E402
+from main import as_tensors, build_sanf, run_baseline, score_sanf, train_sanf  # noqa: E402
+from metrics import image_auroc  # noqa: E402
+
+
+def fit_and_score(config: Config, train: dict[str, torch.Tensor], test: dict[str, torch.Tensor]) -> np.ndarray:
+    """Anomaly scores of ``test`` from the method of ``config`` fitted on ``train`` (no files written)."""
+    if config.method == "sanf":
+        model = build_sanf(config, train["sem"].shape[1], train["patches"].shape[1]).to(config.device)
+        train_sanf(model, train, config, "validation")
+        return score_sanf(model, test, config).cpu().numpy()
+    return run_baseline(config, None, train, test, None)[0]
+
+
+def validation_auroc(config: Config, features: dict[str, dict[str, torch.Tensor]], fit_fraction: float) -> list[float]:
+    """Per class: fit on ``fit_fraction`` of its training features, AUROC on all classes' held-out rest."""
+    rng = np.random.default_rng(config.seed)
+    fit, held_out, held_out_class = {}, [], []
+    for index, (name, arrays) in enumerate(features.items()):
+        order = rng.permutation(len(arrays["sem"]))
+        cut = int(len(order) * fit_fraction)
+        fit[name] = {k: v[np.sort(order[:cut])] for k, v in arrays.items()}
+        held_out.append({k: v[np.sort(order[cut:])] for k, v in arrays.items()})
+        held_out_class += [index] * (len(order) - cut)
+    validation = {k: torch.cat([part[k] for part in held_out]) for k in held_out[0]}
+    labels = np.asarray(held_out_class)
+    aurocs = []
+    for index, name in enumerate(features):
+        aurocs.append(image_auroc(labels != index, fit_and_score(config, fit[name], validation)))
+    return aurocs
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    grid_text, fit_fraction = "[{}]", 0.5
+    if "--grid" in argv:
+        position = argv.index("--grid")
+        grid_text = argv.pop(position + 1)
+        argv.pop(position)
+    base = parse_args(argv)
+    tasks = load_tasks(base)
+    extractor = FeatureExtractor(base)
+    features = {task.name: as_tensors(cached_features(extractor, task.train, task.train_key, base), base.device)
+                for task in tasks}
+    for overrides in ast.literal_eval(grid_text):
+        config = Config(**{**base.to_dict(), **overrides})
+        started = time.perf_counter()
+        aurocs = validation_auroc(config, features, fit_fraction)
+        print(f"{overrides}: validation AUROC mean {np.mean(aurocs):.4f} "
+              f"({' '.join(f'{a:.3f}' for a in aurocs)}) in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Shared fixtures: the repository root on sys.path and the real-data locations from the environment."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _data_folder(variable: str, marker: str) -> Path:
+    value = os.environ.get(variable, "")
+    if not value:
+        pytest.skip(f"{variable} is not set (.ci/run sets it when ../shared/data exists)")
+    folder = Path(value)
+    if not (folder / marker).exists():
+        pytest.skip(f"{variable}={value} has no {marker}")
+    return folder
+
+
+@pytest.fixture
+def cifar10_root() -> Path:
+    """The CIFAR-10 ImageFolder copy (train/<class>/, test/<class>/)."""
+    return _data_folder("ANOMALY_CIFAR10_ROOT", "test/airplane")
+
+
+@pytest.fixture
+def mvtec_root() -> Path:
+    """An MVTec AD folder holding at least the bottle category."""
+    return _data_folder("ANOMALY_MVTEC_ROOT", "bottle/train/good")

@@ -1,0 +1,135 @@
+"""Backbones and the feature cache: weights, traced graph, round trip, resume, staleness."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import extractor
+from config import ConfigError, make_config
+from datasets import load_tasks
+from extractor import (CacheError, FeatureExtractor, StaleCacheError, WeightsError, build_backbone,
+                       cache_folder, cached_features, task_features)
+
+SMALL = dict(max_train_per_class=12, max_test=20, classes="0", extract_batch_size=4, img_size=64)
+
+
+@pytest.fixture(scope="module")
+def demo_extractor():
+    return FeatureExtractor(make_config("demo", **SMALL))
+
+
+def test_packaged_lite0_weights_are_real_imagenet_weights():
+    model, source = build_backbone("tf_efficientnet_lite0", "default")
+    assert source.startswith("file:") and "sha256" in source
+    random_model, random_source = build_backbone("tf_efficientnet_lite0", "none")
+    assert random_source == "none"
+    first = next(iter(model.state_dict()))
+    assert not torch.equal(model.state_dict()[first], random_model.state_dict()[first])
+
+
+def test_weights_file_that_does_not_match_the_backbone_is_refused(tmp_path):
+    path = tmp_path / "resnet18.pth"
+    torch.save(torch.nn.Linear(3, 4).state_dict(), path)
+    with pytest.raises(WeightsError, match="does not match backbone"):
+        build_backbone("tf_efficientnet_lite0", str(path))
+    with pytest.raises(WeightsError, match="does not exist"):
+        build_backbone("tf_efficientnet_lite0", str(tmp_path / "missing.pth"))
+
+
+def test_unknown_backbone_and_layer_are_config_errors():
+    with pytest.raises(ConfigError):
+        build_backbone("no_such_net", "none")
+    with pytest.raises(ConfigError, match="no module 'blocks.99'"):
+        FeatureExtractor(make_config("demo", method="cflow", layers="blocks.99", weights="none"))
+
+
+def test_traced_graph_matches_the_eager_backbone_for_any_batch(demo_extractor):
+    images = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8)
+    traced = demo_extractor(images)
+    with torch.no_grad():
+        eager = demo_extractor.head(demo_extractor.normalise(images))
+    for name, reference in zip(demo_extractor.names, eager):
+        assert traced[name].shape == reference.shape
+        assert torch.allclose(traced[name], reference, atol=1e-3, rtol=1e-3)
+    single = demo_extractor(images[:1])
+    assert torch.allclose(single["sem"], traced["sem"][:1], atol=1e-4)
+    assert traced["sem"].shape == (5, 1280) and traced["patches"].shape == (5, 4, 1280)
+    assert torch.allclose(traced["patches"].mean(dim=1), traced["sem"], atol=1e-4)  # grid pools the same map
+
+
+def test_cache_round_trip_is_float16_and_shared(tmp_path, demo_extractor):
+    config = make_config("demo", cache_dir=str(tmp_path), **SMALL)
+    task = load_tasks(config)[0]
+    train, test = task_features(demo_extractor, task, config)
+    assert train["sem"].dtype == np.float16 and train["sem"].shape == (12, 1280)
+    assert test["patches"].shape == (20, 4, 1280)
+    fresh = demo_extractor(torch.stack([torch.from_numpy(np.array(task.test.load(i).resize((64, 64), 3)))
+                                        .permute(2, 0, 1) for i in range(3)]))
+    assert np.allclose(test["sem"][:3].astype(np.float32), fresh["sem"].numpy(), atol=2e-2)
+    files = sorted(p.name for p in cache_folder(config).iterdir())
+    assert not [f for f in files if "partial" in f or "progress" in f]
+    again, _ = task_features(demo_extractor, task, config)  # read back, not re-extracted
+    assert np.array_equal(np.asarray(again["sem"]), np.asarray(train["sem"]))
+
+
+def test_interrupted_extraction_resumes_and_is_never_read_as_complete(tmp_path, demo_extractor, monkeypatch):
+    config = make_config("demo", cache_dir=str(tmp_path), **SMALL)
+    task = load_tasks(config)[0]
+    reference = cached_features(demo_extractor, task.test, "reference", config)
+
+    calls = {"n": 0}
+    original = extractor.image_batches
+
+    def interrupted(images, config, start=0, batch_size=None):
+        for batch in original(images, config, start, batch_size):
+            calls["n"] += 1
+            if calls["n"] == 4:  # the probe batch, then two batches written, then stop
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(extractor, "image_batches", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cached_features(demo_extractor, task.test, "unit", config)
+    stem = cache_folder(config) / "unit"
+    assert not stem.with_suffix(".json").exists()
+    assert extractor.read_unit(stem, extractor.unit_metadata(demo_extractor, config, task.test)) is None
+    assert json.loads(stem.with_name("unit.progress.json").read_text())["done"] == 8
+
+    starts = []
+
+    def counting(images, config, start=0, batch_size=None):
+        starts.append(start)
+        yield from original(images, config, start, batch_size)
+
+    monkeypatch.setattr(extractor, "image_batches", counting)
+    resumed = cached_features(demo_extractor, task.test, "unit", config)
+    assert starts[-1] == 8
+    assert np.array_equal(np.asarray(resumed["patches"]), np.asarray(reference["patches"]))
+
+
+def test_stale_cache_is_refused_then_rebuilt_on_request(tmp_path, demo_extractor):
+    config = make_config("demo", cache_dir=str(tmp_path), **SMALL)
+    task = load_tasks(config)[0]
+    cached_features(demo_extractor, task.train, "unit", config)
+    other_images = load_tasks(make_config("demo", **{**SMALL, "classes": "1"}))[0].train
+    with pytest.raises(StaleCacheError, match="stale .*images.*refresh_cache"):
+        cached_features(demo_extractor, other_images, "unit", config)
+    meta_path = cache_folder(config) / "unit.json"
+    stored = json.loads(meta_path.read_text())
+    stored["meta"]["weights"] = "file:other.pth"
+    meta_path.write_text(json.dumps(stored))
+    with pytest.raises(StaleCacheError, match="weights"):
+        cached_features(demo_extractor, task.train, "unit", config)
+    refreshed = make_config("demo", cache_dir=str(tmp_path), refresh_cache=True, **SMALL)
+    assert cached_features(demo_extractor, task.train, "unit", refreshed)["sem"].shape == (12, 1280)
+
+
+def test_cache_that_does_not_fit_is_refused_up_front(tmp_path, demo_extractor, monkeypatch):
+    config = make_config("demo", cache_dir=str(tmp_path), **SMALL)
+    task = load_tasks(config)[0]
+    monkeypatch.setattr(extractor.shutil, "disk_usage", lambda _: type("U", (), {"free": 1000})())
+    with pytest.raises(CacheError, match="needs .* GB"):
+        cached_features(demo_extractor, task.train, "unit", config)
+    assert not list(cache_folder(config).glob("unit*"))

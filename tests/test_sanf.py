@@ -1,0 +1,128 @@
+"""SANF-AD detector (model.SANFModel) and the main.py pipeline on real data."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from sklearn.covariance import LedoitWolf
+
+from config import make_config
+from main import TrainingError, run, train_sanf
+from model import SANFModel
+
+ROOT = __import__("conftest").ROOT
+
+
+def small_model(fusion: bool = True, token_dim: int = 0) -> SANFModel:
+    return SANFModel(dim=16, n_tokens=3, n_layers=2, hidden=8, heads=2, fusion=fusion, token_dim=token_dim).double()
+
+
+def correlated_tokens(count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(16, 16, generator=generator, dtype=torch.float64)
+    semantic = torch.randn(count, 16, generator=generator, dtype=torch.float64) @ mixing + 5.0
+    patches = semantic.unsqueeze(1) + 0.1 * torch.randn(count, 3, 16, generator=generator, dtype=torch.float64)
+    return semantic, patches
+
+
+@pytest.mark.parametrize("token_dim", [0, 8])
+def test_preprocessing_whitens_the_training_tokens(token_dim):
+    model = small_model(token_dim=token_dim)
+    semantic, _ = correlated_tokens(4000)
+    model.fit_preprocessing(semantic)
+    whitened = model.preprocess(semantic)
+    assert whitened.shape == (4000, token_dim or 16)
+    identity = torch.eye(token_dim or 16, dtype=torch.float64)
+    assert torch.allclose(whitened.mean(dim=0), torch.zeros(token_dim or 16, dtype=torch.float64), atol=1e-8)
+    shrunk = torch.from_numpy(LedoitWolf().fit(semantic.numpy()).covariance_)
+    assert torch.allclose(model.whitening.T @ shrunk @ model.whitening, identity, atol=1e-8)
+    # the shrinkage is small with 4000 samples: the sample covariance is whitened too, nearly
+    assert torch.allclose(torch.cov(whitened.T), identity, atol=0.25)
+
+
+def test_untrained_nll_is_the_shrunk_gaussian_mahalanobis_distance():
+    model = small_model()
+    semantic, patches = correlated_tokens(500)
+    model.fit_preprocessing(semantic)
+    nll = model.anomaly_score(semantic[:7], patches[:7], "nll")
+    mahalanobis = model.preprocess(semantic[:7]).pow(2).sum(dim=1)
+    assert torch.allclose(nll, 0.5 * mahalanobis / 16, atol=1e-9)  # the flow starts as the identity
+    assert torch.allclose(model.anomaly_score(semantic[:7], patches[:7], "z2"), mahalanobis / 16, atol=1e-9)
+
+
+def test_training_lowers_the_nll_and_fusion_reads_the_patches():
+    config = make_config("demo", epochs=5, batch_size=50, lr=1e-3, hidden=8, heads=2, n_flow_layers=2)
+    semantic, patches = correlated_tokens(400)
+    features = {"sem": semantic.float(), "patches": patches.float()}
+    model = SANFModel(16, 3, n_layers=2, hidden=8, heads=2)
+    model.fit_preprocessing(features["sem"])
+    before = model.nll_per_dim(features["sem"], features["patches"]).mean().item()
+    info = train_sanf(model, features, config, "toy")
+    after = model.nll_per_dim(features["sem"], features["patches"]).mean().item()
+    assert after < before and info["final_train_nll_per_dim"] == pytest.approx(after, abs=0.05)
+    shuffled = features["patches"][torch.randperm(400)]
+    with torch.no_grad():
+        assert not torch.allclose(model.nll_per_dim(features["sem"], features["patches"]),
+                                  model.nll_per_dim(features["sem"], shuffled))
+
+
+def test_non_finite_features_and_loss_stop_training(monkeypatch):
+    config = make_config("demo", epochs=1, batch_size=10, hidden=8, heads=2, n_flow_layers=2)
+    semantic, patches = correlated_tokens(20)
+    features = {"sem": semantic.float(), "patches": patches.float()}
+    model = SANFModel(16, 3, n_layers=2, hidden=8, heads=2)
+    monkeypatch.setattr(model, "nll_per_dim", lambda sem, _: torch.full((len(sem),), float("nan")))
+    with pytest.raises(TrainingError, match="non-finite loss at epoch 1, batch 1 of 'toy'.*lower --lr"):
+        train_sanf(model, features, config, "toy")
+    features["sem"][3, 0] = float("inf")
+    with pytest.raises(TrainingError, match="non-finite training features.*refresh_cache"):
+        train_sanf(model, features, config, "toy")
+
+
+def test_demo_end_to_end_writes_results_and_rescores_from_checkpoints(tmp_path):
+    overrides = dict(classes="0,1,7", max_train_per_class=40, epochs=2, cache_dir=str(tmp_path / "cache"),
+                     results_dir=str(tmp_path / "results"))
+    payload = run(make_config("demo", **overrides))
+    folder = tmp_path / "results" / "digits-tf_efficientnet_lite0-sanf-caff"
+    stored = json.loads((folder / "results.json").read_text())
+    assert stored["complete"] and list(stored["per_class"]) == ["0", "1", "7"]
+    assert stored["config"]["epochs"] == 2 and "test set" in stored["selection"]
+    assert stored["mean"]["image_auroc"] == pytest.approx(np.mean([m["image_auroc"] for m in stored["per_class"].values()]))
+    assert stored["mean"]["image_auroc"] > 0.9, stored["per_class"]
+    table = (folder / "results.md").read_text()
+    assert table.splitlines()[0] == "| method | 0 | 1 | 7 | mean |"
+    assert all((folder / "figures" / f"scores_{name}.png").stat().st_size > 1000 for name in ("0", "1", "7"))
+    rescored = run(make_config("demo", eval_only=True, **overrides))
+    for name in ("0", "1", "7"):
+        assert rescored["per_class"][name]["image_auroc"] == payload["per_class"][name]["image_auroc"]
+
+
+def cli(*argv: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *argv], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "cifar10", "--data_root", "/nonexistent/cifar"], "does not exist"),
+    (["--classes", "eleven"], "unknown class eleven"),
+    (["--dataset", "imagenet"], "not one of"),
+    (["--weights", "/nonexistent/w.pth"], "does not exist"),
+])
+def test_bad_input_ends_with_one_line_and_no_files(argv, message, tmp_path):
+    result = cli(*argv, "--cache_dir", "cache", "--results_dir", "results", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and message in result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_cifar10_real_data_reaches_auroc(cifar10_root, tmp_path):
+    """Real CIFAR-10 JPEG copy, a quick subset: 200 training images per class, 500 test images."""
+    config = make_config("sanf_cifar10_lite0", data_root=str(cifar10_root), classes="automobile,ship",
+                         max_train_per_class=200, max_test=500, epochs=2, cache_dir=str(tmp_path / "cache"),
+                         results_dir=str(tmp_path / "results"))
+    payload = run(config)
+    assert payload["mean"]["image_auroc"] > 0.85, payload["per_class"]
