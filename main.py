@@ -16,22 +16,29 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from anomaly_map import AnomalyMapGenerator, reference_from_training
 from baselines import GaussianScorer, KNNScorer
 from config import Config, ConfigError, describe, parse_args
-from datasets import DataError, Task, load_tasks
-from extractor import CacheError, FeatureExtractor, WeightsError, task_features
-from metrics import image_auroc
-from model import SANFModel
+from datasets import DataError, ImageList, Task, load_mask, load_tasks
+from extractor import CacheError, FeatureExtractor, WeightsError, image_batches, task_features
+from metrics import detection_and_localization, image_auroc
+from model import CFlowModel, SANFModel, cflow_loss, shuffled_fiber_chunks
 from utils import atomic_torch_save, atomic_write_json, atomic_write_bytes, configure_torch, run_cli, seed_everything
 
 SELECTION_NOTE = "fixed number of epochs; no epoch, threshold or setting was selected on the test set"
+MAP_NORM_NOTES = {
+    "train": "maps normalised with the per-stage maximum of log p / C over the training fibers: a test image's "
+             "score does not depend on the other test images",
+    "test": "maps normalised over the whole test set (official code): every score depends on the rest of the test set",
+    "batch": "maps normalised per test batch of test_batch_size images (anomalib): scores depend on the batch",
+}
 
 
 class TrainingError(RuntimeError):
@@ -53,15 +60,25 @@ def as_tensors(features: dict[str, np.ndarray], device: str) -> dict[str, Tensor
 
 
 def build_sanf(config: Config, dim: int, n_tokens: int) -> SANFModel:
+    try:
+        return _sanf_model(config, dim, n_tokens)
+    except ValueError as error:  # shapes that do not fit the flow's settings (heads, token_dim)
+        raise ConfigError(str(error)) from None
+
+
+def _sanf_model(config: Config, dim: int, n_tokens: int) -> SANFModel:
     return SANFModel(dim, n_tokens, n_layers=config.n_flow_layers, hidden=config.hidden, heads=config.heads,
                      clamp=config.clamp, context=config.caff_context, fusion=config.fusion == "caff",
-                     seed=config.seed)
+                     seed=config.seed, token_dim=config.token_dim)
 
 
 def train_sanf(model: SANFModel, train: dict[str, Tensor], config: Config, name: str) -> dict[str, float]:
     """Fixed-epoch maximum-likelihood training; returns loss and throughput figures."""
     generator = seed_everything(config.seed)
-    model.fit_standardization(train["sem"], train["patches"])
+    if not all(torch.isfinite(tokens).all() for tokens in train.values()):
+        raise TrainingError(f"non-finite training features for '{name}'; rebuild the cache "
+                            "(extractor.py --refresh_cache true) and check --weights")
+    model.fit_preprocessing(train["sem"])
     optimizer = torch.optim.Adam(model.flow.parameters(), lr=config.lr, betas=(config.beta1, config.beta2),
                                  weight_decay=config.weight_decay)
     n_train = len(train["sem"])
@@ -144,6 +161,221 @@ def run_baseline(config: Config, task: Task, train: dict[str, Tensor], test: dic
     return scores, info
 
 
+# ----------------------------------------------------------------------------- CFLOW
+
+
+class StageFeatures:
+    """Per-stage feature maps (B, C, H, W) of one image list, a batch of images at a time.
+
+    Cached float16 arrays are converted once into float32 channels-last tensors, so that no epoch
+    converts them again and a batch's fibers are a view of its maps (``CFlowModel.fibers_of``).
+    Without the cache (``--cache false``) every batch goes through the backbone again, as in the
+    official code and anomalib.
+    """
+
+    def __init__(self, images: ImageList, config: Config, arrays: dict[str, np.ndarray] | None = None,
+                 extractor: FeatureExtractor | None = None) -> None:
+        if (arrays is None) == (extractor is None):
+            raise ValueError("give either the cached arrays or an extractor")
+        self.images, self.config, self.extractor = images, config, extractor
+        self.maps = None if arrays is None else {
+            stage: torch.from_numpy(np.asarray(array, dtype=np.float32)).to(config.device)
+            .contiguous(memory_format=torch.channels_last) for stage, array in arrays.items()}
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batches(self, batch_size: int, order: Tensor | None = None) -> Iterator[dict[str, Tensor]]:
+        """Feature maps of ``batch_size`` images at a time, in ``order`` (default: the listed order)."""
+        order = torch.arange(len(self)) if order is None else order
+        if self.maps is not None:
+            for index in order.split(batch_size):
+                yield {stage: maps[index.to(maps.device)] for stage, maps in self.maps.items()}
+            return
+        for images in image_batches(self.images.subset(order.numpy()), self.config, batch_size=batch_size):
+            yield {stage: value.float() for stage, value in self.extractor(images).items()}
+
+    def stage_channels(self) -> dict[str, int]:
+        return {stage: feature_map.shape[1] for stage, feature_map in next(self.batches(1)).items()}
+
+
+def cflow_features(extractor: FeatureExtractor, task: Task, config: Config) -> tuple[StageFeatures, StageFeatures]:
+    """(train, test) stage features: from the cache (extracting what it lacks) or, with --cache false, on the fly."""
+    if not config.cache:
+        return (StageFeatures(task.train, config, extractor=extractor),
+                StageFeatures(task.test, config, extractor=extractor))
+    train, test = task_features(extractor, task, config)
+    return StageFeatures(task.train, config, arrays=train), StageFeatures(task.test, config, arrays=test)
+
+
+def build_cflow(config: Config, stage_channels: dict[str, int]) -> CFlowModel:
+    return CFlowModel(stage_channels, condition_dims=config.condition_dims, n_blocks=config.n_flow_layers,
+                      clamp=config.clamp, permute_soft=config.permute_soft, seed=config.seed)
+
+
+def _fiber_step(model: CFlowModel, optimizer: torch.optim.Optimizer, stage: str, fibers: Tensor,
+                conditions: Tensor, config: Config, where: str) -> float:
+    """One optimizer step on one chunk of fibers; returns the chunk's loss."""
+    loss = cflow_loss(model.fiber_log_likelihood_per_dim(stage, fibers, conditions))
+    if not torch.isfinite(loss):
+        raise TrainingError(f"non-finite loss at {where}, stage {stage}; lower --lr (now {config.lr}), raise "
+                            f"--fiber_batch (now {config.fiber_batch}) or set --grad_clip 1")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.decoder(stage).parameters(), config.grad_clip)
+    optimizer.step()
+    return loss.item()
+
+
+def train_cflow(model: CFlowModel, train: StageFeatures, config: Config, name: str) -> dict[str, Any]:
+    """Fixed-epoch training; returns the loss history and throughput figures.
+
+    Per image batch and stage, all fibers of the batch are shuffled and cut into chunks of
+    ``fiber_batch``, with one Adam step per chunk (official code: 256, anomalib: 64). The stages'
+    decoders share one optimizer; a step only moves the decoder whose chunk it was.
+    """
+    generator = seed_everything(config.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2),
+                                 weight_decay=config.weight_decay)
+    model.train()
+    history: list[dict[str, float]] = []
+    n_fibers = 0
+    started = time.perf_counter()
+    with tqdm(range(config.epochs), desc=f"{name} cflow", unit="epoch") as epochs:
+        for epoch in epochs:
+            loss_sums = dict.fromkeys(model.stage_names, 0.0)
+            counts = dict.fromkeys(model.stage_names, 0)
+            order = torch.randperm(len(train), generator=generator)
+            for batch, features in enumerate(train.batches(config.batch_size, order)):
+                where = f"epoch {epoch + 1}, image batch {batch + 1} of '{name}'"
+                for stage, feature_map in features.items():
+                    fibers, conditions = model.fibers_of(feature_map)
+                    for chunk in shuffled_fiber_chunks(fibers, conditions, config.fiber_batch, generator):
+                        loss = _fiber_step(model, optimizer, stage, *chunk, config, where)
+                        loss_sums[stage] += loss * len(chunk[0])
+                        counts[stage] += len(chunk[0])
+            history.append({stage: loss_sums[stage] / max(counts[stage], 1) for stage in loss_sums})
+            n_fibers += sum(counts.values())
+            epochs.set_postfix(loss=" ".join(f"{value:.3f}" for value in history[-1].values()))
+    seconds = time.perf_counter() - started
+    return {"train_seconds": seconds, "seconds_per_epoch": seconds / max(config.epochs, 1),
+            "train_fibers_per_second": n_fibers / max(seconds, 1e-9),
+            "train_fibers_per_epoch": n_fibers // max(config.epochs, 1),
+            "final_train_loss": float(np.mean(list(history[-1].values()))) if history else math.nan,
+            "train_loss_per_epoch": history}
+
+
+def _progress(features: StageFeatures, batch_size: int, desc: str) -> tqdm:
+    return tqdm(features.batches(batch_size), desc=desc, total=math.ceil(len(features) / batch_size),
+                unit="batch", leave=False)
+
+
+@torch.no_grad()
+def training_reference(model: CFlowModel, train: StageFeatures, config: Config) -> dict[str, float]:
+    """Per-stage maximum of log p / C over the training fibers, once training has ended (map_norm=train)."""
+    model.eval()
+    batches = _progress(train, config.test_batch_size, "training reference")
+    return reference_from_training(model.stage_log_likelihood_maps(features) for features in batches)
+
+
+@torch.no_grad()
+def stage_log_likelihoods(model: CFlowModel, features: StageFeatures, batch_size: int) -> dict[str, Tensor]:
+    """log p / C maps (N, H_l, W_l) of every image, per stage, computed ``batch_size`` images at a time."""
+    model.eval()
+    batches = [model.stage_log_likelihood_maps(f) for f in _progress(features, batch_size, "scoring")]
+    return {stage: torch.cat([maps[stage] for maps in batches]) for stage in model.stage_names}
+
+
+def anomaly_maps(stage_maps: dict[str, Tensor], config: Config,
+                 reference: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Image scores (N,) float64 and anomaly maps (N, S, S) float32 at img_size, under ``map_norm``.
+
+    ``train`` turns each image with the training reference alone; ``test`` normalises the whole test
+    set at once (official code); ``batch`` each group of ``test_batch_size`` images (anomalib).
+    """
+    size = (config.img_size, config.img_size)
+    generator = AnomalyMapGenerator(size, config.map_norm, reference if config.map_norm == "train" else None)
+    count = len(next(iter(stage_maps.values())))
+    group = count if config.map_norm == "test" else config.test_batch_size
+    scores, maps = [], []
+    for start in range(0, count, group):
+        batch_maps = generator({stage: values[start:start + group] for stage, values in stage_maps.items()})
+        scores.append(generator.image_scores(batch_maps).cpu().numpy())
+        maps.append(batch_maps.float().cpu().numpy())
+    return np.concatenate(scores), np.concatenate(maps)
+
+
+def score_cflow(model: CFlowModel, test: StageFeatures, config: Config,
+                reference: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Image scores and anomaly maps of the test images (see :func:`anomaly_maps`)."""
+    return anomaly_maps(stage_log_likelihoods(model, test, config.test_batch_size), config, reference)
+
+
+def load_test_masks(task: Task, size: int) -> np.ndarray | None:
+    """Ground-truth masks (N, size, size), nearest-resized; None when the dataset has none."""
+    if task.test_masks is None:
+        return None
+    return np.stack([load_mask(path, (size, size)) for path in task.test_masks])
+
+
+def run_cflow(config: Config, task: Task, extractor: FeatureExtractor, folder: Path) -> dict[str, Any]:
+    """Train (or load) one category's decoders, score its test images, write its figure; returns its metrics."""
+    started = time.perf_counter()
+    train, test = cflow_features(extractor, task, config)
+    feature_seconds = time.perf_counter() - started
+    model = build_cflow(config, test.stage_channels()).to(config.device)
+    checkpoint = folder / "checkpoints" / f"{task.name}.pt"
+    if config.eval_only:
+        info = load_checkpoint(model, checkpoint, config)
+        if "training_reference" not in info:
+            raise TrainingError(f"checkpoint {checkpoint} holds no training reference; retrain without --eval_only")
+    else:
+        info = train_cflow(model, train, config, task.name)
+        info["training_reference"] = training_reference(model, train, config)
+        atomic_torch_save({"model": model.state_dict(), "config": config.to_dict(), "info": info}, checkpoint)
+    started = time.perf_counter()
+    scores, maps = score_cflow(model, test, config, info["training_reference"])
+    info["score_seconds"] = time.perf_counter() - started
+    started = time.perf_counter()
+    masks = load_test_masks(task, config.img_size)
+    metrics = detection_and_localization(task.test_labels, scores, masks, None if masks is None else maps)
+    metrics_seconds = time.perf_counter() - started
+    save_map_figure(task, scores, maps, masks, config, folder / "figures" / f"maps_{task.name}.png")
+    return {**metrics, **info, "feature_seconds": feature_seconds, "metrics_seconds": metrics_seconds,
+            "map_normalization": config.map_norm, "parameters": sum(p.numel() for p in model.parameters()),
+            "n_train": len(task.train), "n_test": len(task.test)}
+
+
+def run_cflow_job(config: Config) -> dict[str, Any]:
+    """All categories of a CFLOW run; returns the results.json payload."""
+    started = time.perf_counter()
+    configure_torch(config)
+    tasks = load_tasks(config)
+    extractor = FeatureExtractor(config)
+    folder = results_folder(config)
+    per_class: dict[str, dict[str, Any]] = {}
+    wall = {"features": 0.0, "methods": 0.0}
+    notes = {"map_normalization": config.map_norm, "map_normalization_note": MAP_NORM_NOTES[config.map_norm]}
+    for task in tasks:
+        step = time.perf_counter()
+        metrics = per_class[task.name] = run_cflow(config, task, extractor, folder)
+        wall["features"] += metrics["feature_seconds"]
+        wall["methods"] += time.perf_counter() - step - metrics["feature_seconds"]
+        localisation = (f", pixel AUROC {metrics['pixel_auroc']:.4f}, AUPRO@0.3 {metrics['aupro']:.4f}"
+                        if "pixel_auroc" in metrics else "")
+        print(f"{task.name}: image AUROC {metrics['image_auroc']:.4f}{localisation}, image F1 "
+              f"{metrics['image_f1']:.4f} (maps normalised on {config.map_norm}); train "
+              f"{metrics['train_seconds']:.1f} s = {metrics['seconds_per_epoch']:.2f} s/epoch, "
+              f"{metrics['train_fibers_per_second']:.0f} fibers/s; score {metrics['score_seconds']:.1f} s")
+        wall["total"] = time.perf_counter() - started
+        write_results(config, folder, per_class, wall, cflow_table, complete=False, notes=notes)
+    payload = write_results(config, folder, per_class, wall, cflow_table, complete=True, notes=notes)
+    print((folder / "results.md").read_text())
+    print(f"results: {folder} (total {wall['total']:.1f} s)")
+    return payload
+
+
 # ----------------------------------------------------------------------------- outputs
 
 
@@ -163,6 +395,56 @@ def save_histogram(scores: np.ndarray, labels: np.ndarray, title: str, path: Pat
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _evenly_spaced(members: np.ndarray, count: int) -> np.ndarray:
+    return members[np.linspace(0, len(members) - 1, count).round().astype(int)] if count else members[:0]
+
+
+def figure_indices(labels: np.ndarray, count: int) -> np.ndarray:
+    """About half defective and half good test images, evenly spaced in test order; no score is looked at."""
+    defective, good = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    n_defective = min(len(defective), max((count + 1) // 2, count - len(good)))
+    n_good = min(len(good), count - n_defective)
+    return np.concatenate([_evenly_spaced(defective, n_defective), _evenly_spaced(good, n_good)])
+
+
+def save_map_figure(task: Task, scores: np.ndarray, maps: np.ndarray, masks: np.ndarray | None, config: Config,
+                    path: Path) -> None:
+    """One row per drawn test image: the image, its ground truth, the anomaly map over the image.
+
+    Every overlay uses the same colour scale, the range of all test maps, so rows compare.
+    """
+    indices = figure_indices(task.test_labels, config.n_figure_images)
+    if not len(indices):
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    size = config.img_size
+    low, high = float(maps.min()), float(maps.max())
+    figure, axes = plt.subplots(len(indices), 3, figsize=(7.2, 2.5 * len(indices)), squeeze=False)
+    for row, index in zip(axes, indices):
+        image = np.asarray(task.test.load(index).resize((size, size), Image.BICUBIC))
+        truth = np.zeros((size, size), dtype=bool) if masks is None else masks[index]
+        row[0].imshow(image)
+        row[0].set_title(task.test.ids[index], fontsize=7)
+        row[1].imshow(truth, cmap="gray", vmin=0, vmax=1)
+        row[1].set_title("ground truth" if masks is not None else "no ground truth", fontsize=7)
+        row[2].imshow(image)
+        row[2].imshow(maps[index], cmap="jet", alpha=0.5, vmin=low, vmax=high)
+        row[2].set_title(f"anomaly map, image score {scores[index]:.3f}", fontsize=7)
+        for axis in row:
+            axis.axis("off")
+    figure.suptitle(f"{task.name}: {method_label(config)}\ncolour scale {low:.3f} (blue) to {high:.3f} (red), "
+                    "the range of all test maps", fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
@@ -187,12 +469,31 @@ def one_class_table(config: Config, per_class: dict[str, dict[str, Any]], mean: 
     return "\n".join([header, rule, row])
 
 
+CFLOW_ROWS = (("image_auroc", "Image AUROC", "{:.3f}"), ("pixel_auroc", "Pixel AUROC", "{:.3f}"),
+              ("aupro", "AUPRO@0.3", "{:.3f}"), ("image_f1", "Image F1-max", "{:.3f}"),
+              ("pixel_f1", "Pixel F1-max", "{:.3f}"), ("seconds_per_epoch", "Train s/epoch", "{:.1f}"),
+              ("train_fibers_per_second", "Train fibers/s", "{:.0f}"))
+
+
+def cflow_table(config: Config, per_class: dict[str, dict[str, Any]], mean: dict[str, float]) -> str:
+    """anomalib's layout: metrics as rows, categories as columns, the average first."""
+    names = list(per_class)
+    lines = [f"{method_label(config)}", "", "| Metric | Average | " + " | ".join(names) + " |",
+             "|---" * (len(names) + 2) + "|"]
+    for key, label, style in CFLOW_ROWS:
+        if key in mean:
+            values = " | ".join(style.format(per_class[name][key]) for name in names)
+            lines.append(f"| {label} | **{style.format(mean[key])}** | {values} |")
+    return "\n".join(lines)
+
+
 def write_results(config: Config, folder: Path, per_class: dict[str, dict[str, Any]], wall: dict[str, float],
-                  table: Callable[[Config, dict, dict], str], complete: bool) -> dict[str, Any]:
+                  table: Callable[[Config, dict, dict], str], complete: bool,
+                  notes: dict[str, Any] | None = None) -> dict[str, Any]:
     metric_names = [k for k, v in next(iter(per_class.values())).items() if isinstance(v, float)]
     mean = {k: float(np.mean([m[k] for m in per_class.values()])) for k in metric_names}
     payload = {"per_class": per_class, "mean": mean, "config": config.to_dict(), "wall_seconds": wall,
-               "selection": SELECTION_NOTE, "complete": complete}
+               "selection": SELECTION_NOTE, "complete": complete, **(notes or {})}
     atomic_write_json(folder / "results.json", payload)
     settings = (f"{config.dataset}, {config.backbone} ({config.img_size} px), "
                 f"{len(per_class)} {'classes' if config.method != 'cflow' else 'categories'}; "
@@ -207,10 +508,12 @@ RUNNERS = {"sanf": run_sanf, "knn": run_baseline, "gaussian": run_baseline}
 
 def run(config: Config) -> dict[str, Any]:
     """The whole job; returns the results.json payload."""
+    if config.method == "cflow":
+        return run_cflow_job(config)
     started = time.perf_counter()
     configure_torch(config)
     tasks = load_tasks(config)
-    extractor = FeatureExtractor(config).to(config.device)
+    extractor = FeatureExtractor(config)
     folder = results_folder(config)
     per_class: dict[str, dict[str, Any]] = {}
     wall = {"features": 0.0, "methods": 0.0}

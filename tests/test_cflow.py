@@ -10,6 +10,17 @@ import pytest
 import torch
 
 from anomaly_map import AnomalyMapGenerator, reference_from_training
+from config import Config, make_config
+from datasets import ImageList
+from main import (
+    StageFeatures,
+    TrainingError,
+    cflow_table,
+    figure_indices,
+    score_cflow,
+    train_cflow,
+    training_reference,
+)
 from model import (
     CFlowModel,
     build_cflow_decoder,
@@ -293,3 +304,85 @@ def test_anomaly_map_generator_validates_its_arguments():
     generator = AnomalyMapGenerator(IMAGE_SIZE, "train", {"blocks.2": 0.0})
     with pytest.raises(ValueError):
         generator(synthetic_stage_maps([False], torch.Generator().manual_seed(2)))
+
+
+# --- main.py: training and scoring ---------------------------------------------------------
+
+STAGE_CHANNELS = {"blocks.2": 6, "blocks.4": 10}
+STAGE_SIZES = {"blocks.2": 8, "blocks.4": 4}
+
+
+def small_config(**overrides) -> Config:
+    values = dict(img_size=16, condition_dims=8, n_flow_layers=2, fiber_batch=50, batch_size=3, epochs=2,
+                  lr=1e-3, test_batch_size=4)
+    return make_config("cflow_lite0", **{**values, **overrides})
+
+
+def random_stage_features(count: int, seed: int, config: Config, shift: float = 0.0) -> StageFeatures:
+    """float16 arrays as the cache holds them, (count, C, H, W) per stage."""
+    rng = np.random.default_rng(seed)
+    arrays = {stage: (rng.normal(size=(count, channels, STAGE_SIZES[stage], STAGE_SIZES[stage])) + shift)
+              .astype(np.float16) for stage, channels in STAGE_CHANNELS.items()}
+    images = ImageList.create([f"image{i}" for i in range(count)], [0] * count, loader=None)
+    return StageFeatures(images, config, arrays=arrays)
+
+
+def test_train_normalised_scores_do_not_depend_on_the_test_batch_size():
+    config = small_config()
+    model = perturbed(CFlowModel(STAGE_CHANNELS, condition_dims=8, n_blocks=2), seed=3)
+    reference = training_reference(model, random_stage_features(5, 0, config), config)
+    test = random_stage_features(7, 1, config, shift=0.5)
+    scores, maps = score_cflow(model, test, small_config(test_batch_size=7), reference)
+    assert scores.shape == (7,) and maps.shape == (7, 16, 16)
+    np.testing.assert_allclose(scores, maps.reshape(7, -1).max(axis=1), rtol=1e-6)  # image score = max of map
+    for batch_size in (1, 3):
+        other_scores, other_maps = score_cflow(model, test, small_config(test_batch_size=batch_size), reference)
+        np.testing.assert_allclose(other_scores, scores, rtol=1e-6)
+        np.testing.assert_allclose(other_maps, maps, rtol=1e-6)
+    # the same comparison does see the dependence of anomalib's per-batch normalisation
+    by_batch = [score_cflow(model, test, small_config(map_norm="batch", test_batch_size=size), None)[0]
+                for size in (1, 7)]
+    assert np.abs(by_batch[0] - by_batch[1]).max() > 1e-3
+
+
+def test_training_is_seeded_counts_every_fiber_once_per_epoch_and_lowers_the_loss():
+    config = small_config(epochs=3)
+    train = random_stage_features(5, 2, config, shift=2.0)
+    models = [CFlowModel(STAGE_CHANNELS, condition_dims=8, n_blocks=2, seed=config.seed) for _ in range(2)]
+    infos = [train_cflow(model, train, config, "synthetic") for model in models]
+    first, second = (model.state_dict() for model in models)
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    assert infos[0]["train_loss_per_epoch"] == infos[1]["train_loss_per_epoch"]
+    assert infos[0]["train_fibers_per_epoch"] == 5 * (8 * 8 + 4 * 4)
+    assert infos[0]["train_fibers_per_second"] > 0 and infos[0]["seconds_per_epoch"] > 0
+    history = infos[0]["train_loss_per_epoch"]
+    assert all(history[-1][stage] < history[0][stage] for stage in STAGE_CHANNELS)
+
+
+def test_non_finite_features_stop_training_with_a_training_error():
+    config = small_config(epochs=1)
+    train = random_stage_features(3, 4, config)
+    train.maps["blocks.4"][1, 0, 0, 0] = float("inf")
+    model = CFlowModel(STAGE_CHANNELS, condition_dims=8, n_blocks=2)
+    with pytest.raises(TrainingError, match="lower --lr"):
+        train_cflow(model, train, config, "synthetic")
+
+
+def test_figure_draws_defective_and_good_images_evenly_spaced():
+    labels = np.array([0] * 5 + [1] * 10)
+    chosen = figure_indices(labels, 6)
+    assert len(set(chosen)) == 6
+    assert (labels[chosen] == 1).sum() == 3 and (labels[chosen] == 0).sum() == 3
+    assert set(figure_indices(np.array([1, 1, 0]), 6)) == {0, 1, 2}
+    assert (labels[figure_indices(np.array([0, 1, 1, 1, 1]), 4)] == 1).sum() == 3
+    assert len(figure_indices(labels, 0)) == 0
+
+
+def test_table_has_metrics_as_rows_and_the_average_first():
+    per_class = {"bottle": {"image_auroc": 1.0, "pixel_auroc": 0.98}, "cable": {"image_auroc": 0.9, "pixel_auroc": 0.96}}
+    mean = {"image_auroc": 0.95, "pixel_auroc": 0.97}
+    lines = cflow_table(small_config(), per_class, mean).splitlines()
+    assert "maps normalised on train" in lines[0]
+    assert lines[2] == "| Metric | Average | bottle | cable |"
+    assert lines[4] == "| Image AUROC | **0.950** | 1.000 | 0.900 |"
+    assert lines[5].startswith("| Pixel AUROC | **0.970** |")
