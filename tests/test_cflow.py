@@ -240,7 +240,7 @@ def synthetic_stage_maps(
     return maps
 
 
-def training_reference(generator: torch.Generator) -> dict[str, float]:
+def synthetic_reference(generator: torch.Generator) -> dict[str, float]:
     return reference_from_training(synthetic_stage_maps([False] * 4, generator) for _ in range(3))
 
 
@@ -253,7 +253,7 @@ def test_reference_from_training_takes_the_max_over_batches():
 
 def test_anomaly_map_locates_a_known_patch_and_ranks_the_patched_image_higher():
     generator = torch.Generator().manual_seed(0)
-    map_generator = AnomalyMapGenerator(IMAGE_SIZE, "train", training_reference(generator))
+    map_generator = AnomalyMapGenerator(IMAGE_SIZE, "train", synthetic_reference(generator))
     stage_maps = synthetic_stage_maps([True, False], generator)
     anomaly_maps = map_generator(stage_maps)
     assert anomaly_maps.shape == (2, *IMAGE_SIZE)
@@ -273,7 +273,7 @@ def test_anomaly_map_locates_a_known_patch_and_ranks_the_patched_image_higher():
 
 def test_train_normalisation_is_batch_independent_and_batch_normalisation_is_not():
     generator = torch.Generator().manual_seed(1)
-    reference = training_reference(generator)
+    reference = synthetic_reference(generator)
     maps = synthetic_stage_maps([True, False], generator)
     likelier = synthetic_stage_maps([False], generator, level=0.0)  # a normal image with higher log p / C
     batch = {stage: torch.cat([maps[stage], likelier[stage]]) for stage in maps}
@@ -374,7 +374,8 @@ def test_figure_draws_defective_and_good_images_evenly_spaced():
     assert len(set(chosen)) == 6
     assert (labels[chosen] == 1).sum() == 3 and (labels[chosen] == 0).sum() == 3
     assert set(figure_indices(np.array([1, 1, 0]), 6)) == {0, 1, 2}
-    assert (labels[figure_indices(np.array([0, 1, 1, 1, 1]), 4)] == 1).sum() == 3
+    few_good = np.array([0, 1, 1, 1, 1])
+    assert (few_good[figure_indices(few_good, 4)] == 1).sum() == 3
     assert len(figure_indices(labels, 0)) == 0
 
 
