@@ -148,8 +148,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CFLOW on the CPU: EfficientNet-Lite0 stages at strides 8/16/32, 256 px.
     "cflow_lite0": dict(
         method="cflow", dataset="mvtec", backbone="tf_efficientnet_lite0", layers="blocks.2,blocks.4,blocks.6",
-        img_size=256, condition_dims=128, n_flow_layers=8, clamp=1.9, fiber_batch=4096, lr=1e-3,
-        epochs=5, batch_size=32, beta1=0.9, beta2=0.999, weight_decay=0.0, grad_clip=0.0,
+        img_size=256, condition_dims=128, n_flow_layers=8, clamp=1.9, fiber_batch=1024, lr=2e-3,
+        epochs=12, batch_size=32, beta1=0.9, beta2=0.999, weight_decay=0.0, grad_clip=0.0,
     ),
 }
 

@@ -236,8 +236,9 @@ def train_cflow(model: CFlowModel, train: StageFeatures, config: Config, name: s
     decoders share one optimizer; a step only moves the decoder whose chunk it was.
     """
     generator = seed_everything(config.seed)
+    fused = torch.device(config.device).type in ("cpu", "cuda")  # one kernel per step: about half the step time
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2),
-                                 weight_decay=config.weight_decay)
+                                 weight_decay=config.weight_decay, fused=fused)
     model.train()
     history: list[dict[str, float]] = []
     n_fibers = 0
@@ -288,11 +289,12 @@ def stage_log_likelihoods(model: CFlowModel, features: StageFeatures, batch_size
 
 
 def anomaly_maps(stage_maps: dict[str, Tensor], config: Config,
-                 reference: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+                 reference: dict[str, float] | None) -> tuple[np.ndarray, np.ndarray]:
     """Image scores (N,) float64 and anomaly maps (N, S, S) float32 at img_size, under ``map_norm``.
 
-    ``train`` turns each image with the training reference alone; ``test`` normalises the whole test
-    set at once (official code); ``batch`` each group of ``test_batch_size`` images (anomalib).
+    ``train`` maps each image with the training reference alone (needs ``reference``); ``test``
+    normalises the whole test set at once (official code); ``batch`` each group of
+    ``test_batch_size`` images (anomalib).
     """
     size = (config.img_size, config.img_size)
     generator = AnomalyMapGenerator(size, config.map_norm, reference if config.map_norm == "train" else None)
@@ -307,7 +309,7 @@ def anomaly_maps(stage_maps: dict[str, Tensor], config: Config,
 
 
 def score_cflow(model: CFlowModel, test: StageFeatures, config: Config,
-                reference: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+                reference: dict[str, float] | None) -> tuple[np.ndarray, np.ndarray]:
     """Image scores and anomaly maps of the test images (see :func:`anomaly_maps`)."""
     return anomaly_maps(stage_log_likelihoods(model, test, config.test_batch_size), config, reference)
 
@@ -414,7 +416,8 @@ def save_map_figure(task: Task, scores: np.ndarray, maps: np.ndarray, masks: np.
                     path: Path) -> None:
     """One row per drawn test image: the image, its ground truth, the anomaly map over the image.
 
-    Every overlay uses the same colour scale, the range of all test maps, so rows compare.
+    Every overlay uses the same colour scale, from the median to the maximum of all test-map pixels,
+    so rows compare and the mostly normal pixels below the median stay blue.
     """
     indices = figure_indices(task.test_labels, config.n_figure_images)
     if not len(indices):
@@ -426,7 +429,7 @@ def save_map_figure(task: Task, scores: np.ndarray, maps: np.ndarray, masks: np.
     from PIL import Image
 
     size = config.img_size
-    low, high = float(maps.min()), float(maps.max())
+    low, high = float(np.median(maps)), float(maps.max())
     figure, axes = plt.subplots(len(indices), 3, figsize=(7.2, 2.5 * len(indices)), squeeze=False)
     for row, index in zip(axes, indices):
         image = np.asarray(task.test.load(index).resize((size, size), Image.BICUBIC))
@@ -440,8 +443,8 @@ def save_map_figure(task: Task, scores: np.ndarray, maps: np.ndarray, masks: np.
         row[2].set_title(f"anomaly map, image score {scores[index]:.3f}", fontsize=7)
         for axis in row:
             axis.axis("off")
-    figure.suptitle(f"{task.name}: {method_label(config)}\ncolour scale {low:.3f} (blue) to {high:.3f} (red), "
-                    "the range of all test maps", fontsize=8)
+    figure.suptitle(f"{task.name}: {method_label(config)}\ncolour scale {low:.3f} (blue) to {high:.3f} (red): "
+                    "median to maximum of all test-map pixels", fontsize=8)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)

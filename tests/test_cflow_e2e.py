@@ -1,0 +1,67 @@
+"""End-to-end CFLOW-AD run of main.py on the real MVTec AD bottle category.
+
+Needs the environment variable ANOMALY_MVTEC_ROOT: a folder in the MVTec AD layout that holds
+bottle/ (for instance the 512 px copy). The test is skipped when it is unset or lacks bottle/.
+It is kept short (128 px, few epochs), so its floors sit below the full protocol's numbers.
+
+Run from the repository root:
+    ANOMALY_MVTEC_ROOT=/path/to/mvtec_ad python -m pytest tests/test_cflow_e2e.py -q
+"""
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from config import make_config
+from main import run
+
+ROOT = os.environ.get("ANOMALY_MVTEC_ROOT", "")
+
+pytestmark = pytest.mark.skipif(
+    not ROOT or not (Path(ROOT) / "bottle" / "train" / "good").is_dir(),
+    reason="set ANOMALY_MVTEC_ROOT to an MVTec AD folder holding bottle/ to run the CFLOW end-to-end test",
+)
+
+
+def test_bottle_trains_scores_localises_and_rescores_from_its_checkpoint(tmp_path):
+    config = make_config("cflow_lite0", data_root=ROOT, classes="bottle", img_size=128, epochs=3, fiber_batch=256,
+                         lr=2e-3, n_figure_images=4, cache_dir=str(tmp_path / "cache"),
+                         results_dir=str(tmp_path / "results"))
+    payload = run(config)
+    metrics = payload["per_class"]["bottle"]
+    assert metrics["image_auroc"] >= 0.97  # measured 0.994
+    assert metrics["pixel_auroc"] >= 0.95  # measured 0.968
+    assert 0.5 < metrics["aupro"] <= 1.0 and 0.5 < metrics["image_f1"] <= 1.0
+    assert metrics["n_train"] == 209 and metrics["n_test"] == 83
+    assert metrics["train_fibers_per_epoch"] == 209 * (16 * 16 + 8 * 8 + 4 * 4)
+    assert metrics["train_fibers_per_second"] > 0
+
+    folder = tmp_path / "results" / "mvtec-tf_efficientnet_lite0-cflow"
+    saved = json.loads((folder / "results.json").read_text())
+    assert saved["complete"] and saved["map_normalization"] == "train"
+    assert "no epoch, threshold or setting was selected on the test set" in saved["selection"]
+    assert saved["mean"]["pixel_auroc"] == metrics["pixel_auroc"]
+    table = (folder / "results.md").read_text().splitlines()
+    assert table[2] == "| Metric | Average | bottle |"
+    assert table[4].startswith("| Image AUROC | ")
+    assert (folder / "figures" / "maps_bottle.png").read_bytes()[:4] == b"\x89PNG"
+    assert (folder / "checkpoints" / "bottle.pt").is_file()
+
+    rescored = run(dataclasses.replace(config, eval_only=True))["per_class"]["bottle"]
+    for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1", "pixel_f1"):
+        assert rescored[key] == pytest.approx(metrics[key], abs=1e-9)
+
+
+def test_features_on_the_fly_with_the_official_test_set_normalisation(tmp_path):
+    config = make_config("cflow_lite0", data_root=ROOT, classes="bottle", img_size=128, epochs=1, fiber_batch=256,
+                         max_train_per_class=24, cache=False, map_norm="test", n_figure_images=0,
+                         cache_dir=str(tmp_path / "cache"), results_dir=str(tmp_path / "results"))
+    payload = run(config)
+    metrics = payload["per_class"]["bottle"]
+    assert payload["map_normalization"] == "test" and metrics["map_normalization"] == "test"
+    assert metrics["image_auroc"] >= 0.85  # measured 0.957
+    assert metrics["train_fibers_per_epoch"] == 24 * (16 * 16 + 8 * 8 + 4 * 4)
+    assert not (tmp_path / "cache").exists()
