@@ -7,7 +7,9 @@ normal, every other class anomalous). Prints the mean validation AUROC of each s
 
     python bench/validate.py --preset demo --grid '[{"epochs": 0}, {"epochs": 10, "lr": 1e-4}]'
     python bench/validate.py --preset sanf_cifar10_lite0 --data_root DATA --max_train_per_class 1000 \\
-        --grid '[{"epochs": 0}, {"epochs": 4}]' 
+        --grid '[{"epochs": 0}, {"epochs": 4}]' --normal_classes airplane,cat
+
+``--normal_classes`` limits which classes are fitted in turn (the held-out set keeps all classes).
 
 Needs the training caches, i.e. ``extractor.py`` run with the same preset first (or extracts them).
 """
@@ -40,8 +42,10 @@ def fit_and_score(config: Config, train: dict[str, torch.Tensor], test: dict[str
     return run_baseline(config, None, train, test, None)[0]
 
 
-def validation_auroc(config: Config, features: dict[str, dict[str, torch.Tensor]], fit_fraction: float) -> list[float]:
-    """Per class: fit on ``fit_fraction`` of its training features, AUROC on all classes' held-out rest."""
+def validation_auroc(config: Config, features: dict[str, dict[str, torch.Tensor]], fit_fraction: float,
+                     normal_classes: list[str] | None = None) -> list[float]:
+    """Per class (all, or ``normal_classes``): fit on ``fit_fraction`` of its training features, AUROC on
+    all classes' held-out rest."""
     rng = np.random.default_rng(config.seed)
     fit, held_out, held_out_class = {}, [], []
     for index, (name, arrays) in enumerate(features.items()):
@@ -54,17 +58,26 @@ def validation_auroc(config: Config, features: dict[str, dict[str, torch.Tensor]
     labels = np.asarray(held_out_class)
     aurocs = []
     for index, name in enumerate(features):
+        if normal_classes and name not in normal_classes:
+            continue
         aurocs.append(image_auroc(labels != index, fit_and_score(config, fit[name], validation)))
     return aurocs
 
 
+def take_option(argv: list[str], name: str, default: str) -> str:
+    """Remove ``name value`` from ``argv`` and return the value (the rest goes to config.parse_args)."""
+    if name not in argv:
+        return default
+    position = argv.index(name)
+    value = argv.pop(position + 1)
+    argv.pop(position)
+    return value
+
+
 def main() -> None:
     argv = sys.argv[1:]
-    grid_text, fit_fraction = "[{}]", 0.5
-    if "--grid" in argv:
-        position = argv.index("--grid")
-        grid_text = argv.pop(position + 1)
-        argv.pop(position)
+    grid_text = take_option(argv, "--grid", "[{}]")
+    normal_classes = [n for n in take_option(argv, "--normal_classes", "").split(",") if n]
     base = parse_args(argv)
     tasks = load_tasks(base)
     extractor = FeatureExtractor(base)
@@ -73,7 +86,7 @@ def main() -> None:
     for overrides in ast.literal_eval(grid_text):
         config = Config(**{**base.to_dict(), **overrides})
         started = time.perf_counter()
-        aurocs = validation_auroc(config, features, fit_fraction)
+        aurocs = validation_auroc(config, features, 0.5, normal_classes)
         print(f"{overrides}: validation AUROC mean {np.mean(aurocs):.4f} "
               f"({' '.join(f'{a:.3f}' for a in aurocs)}) in {time.perf_counter() - started:.0f} s", flush=True)
 

@@ -38,6 +38,26 @@ def test_quick_subsets_are_seeded_and_stratified():
     assert tasks[0].train_key != load_tasks(make_config("demo", classes="0"))[0].train_key
 
 
+def test_torchvision_pickled_cifar10_layout(tmp_path):
+    import pickle
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    pixels = {}
+    for name, labels in [(f"data_batch_{i}", [i % 10, (i + 1) % 10]) for i in range(1, 6)] + [("test_batch", [3, 5, 3])]:
+        pixels[name] = rng.integers(0, 256, (len(labels), 3 * 32 * 32), dtype=np.uint8)
+        with open(folder / name, "wb") as handle:
+            pickle.dump({b"data": pixels[name], b"labels": labels}, handle)
+    tasks = load_tasks(make_config("demo", dataset="cifar10", data_root=str(tmp_path), classes="cat"))
+    assert len(tasks) == 1 and tasks[0].name == "cat"
+    assert len(tasks[0].train) == 2  # label 3: 2nd image of batch 2, 1st of batch 3
+    assert tasks[0].test_labels.tolist() == [0, 1, 0]
+    for index, (batch, row) in enumerate((("data_batch_2", 1), ("data_batch_3", 0))):
+        expected = pixels[batch][row].reshape(3, 32, 32).transpose(1, 2, 0)
+        assert np.array_equal(np.asarray(tasks[0].train.load(index).convert("RGB")), expected)
+
+
 def test_image_folder_cifar_layout(tmp_path):
     for split, count in (("train", 3), ("test", 2)):
         for name in ("cat", "dog", "frog"):
