@@ -74,6 +74,9 @@ class Config:
     heads: int = _opt(4, "class-attention heads (public code 4)")
     clamp: float = _opt(3.0, "soft clamp of the log-scales: SANF alpha in (2a/pi)atan(s/a) (paper 3); "
                         "CFLOW AllInOneBlock affine_clamping (official 1.9)")
+    token_norm: str = _opt("none", "sanf / knn / gaussian: per-token normalisation of the cached features before "
+                           "any method: none (public code), l2 (unit length: the cosine geometry of the kNN "
+                           "baseline), power (signed square root, then unit length)", ("none", "l2", "power"))
     score: str = _opt("nll", "sanf anomaly score: nll = |z|^2/2 - log|det J| per dimension; z2 = mean(z^2) "
                       "(public code, no log-det)", ("nll", "z2"))
 

@@ -52,8 +52,20 @@ def results_folder(config: Config) -> Path:
     return Path(config.results_dir) / name.replace("/", "_")
 
 
-def as_tensors(features: dict[str, np.ndarray], device: str) -> dict[str, Tensor]:
-    return {name: torch.from_numpy(np.asarray(array, dtype=np.float32)).to(device) for name, array in features.items()}
+def normalise_tokens(tokens: Tensor, how: str) -> Tensor:
+    """Per-token normalisation over the channel axis: none, l2 (unit length) or power (signed square root,
+    then unit length). Applied to every method's features alike, so that comparisons stay fair."""
+    if how == "power":
+        tokens = tokens.sign() * tokens.abs().sqrt()
+    if how in ("l2", "power"):
+        tokens = torch.nn.functional.normalize(tokens, dim=-1)
+    return tokens
+
+
+def as_tensors(features: dict[str, np.ndarray], config: Config) -> dict[str, Tensor]:
+    """Cached float16 token arrays → float32 tensors on the device, normalised by ``token_norm``."""
+    return {name: normalise_tokens(torch.from_numpy(np.asarray(array, dtype=np.float32)).to(config.device),
+                                   config.token_norm) for name, array in features.items()}
 
 
 # ----------------------------------------------------------------------------- SANF
@@ -524,7 +536,7 @@ def run(config: Config) -> dict[str, Any]:
     payload: dict[str, Any] = {}
     for task in tasks:
         step = time.perf_counter()
-        train, test = (as_tensors(f, config.device) for f in task_features(extractor, task, config))
+        train, test = (as_tensors(f, config) for f in task_features(extractor, task, config))
         wall["features"] += time.perf_counter() - step
         step = time.perf_counter()
         scores, info = runner(config, task, train, test, folder)

@@ -81,11 +81,11 @@ def main() -> None:
     base = parse_args(argv)
     tasks = load_tasks(base)
     extractor = FeatureExtractor(base)
-    features = {task.name: as_tensors(cached_features(extractor, task.train, task.train_key, base), base.device)
-                for task in tasks}
+    raw = {task.name: cached_features(extractor, task.train, task.train_key, base) for task in tasks}
     for overrides in ast.literal_eval(grid_text):
         config = Config(**{**base.to_dict(), **overrides})
         started = time.perf_counter()
+        features = {name: as_tensors(arrays, config) for name, arrays in raw.items()}
         aurocs = validation_auroc(config, features, 0.5, normal_classes)
         print(f"{overrides}: validation AUROC mean {np.mean(aurocs):.4f} "
               f"({' '.join(f'{a:.3f}' for a in aurocs)}) in {time.perf_counter() - started:.0f} s", flush=True)

@@ -10,7 +10,7 @@ import torch
 from sklearn.covariance import LedoitWolf
 
 from config import make_config
-from main import TrainingError, run, train_sanf
+from main import TrainingError, as_tensors, normalise_tokens, run, train_sanf
 from model import SANFModel
 
 ROOT = __import__("conftest").ROOT
@@ -26,6 +26,26 @@ def correlated_tokens(count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Te
     semantic = torch.randn(count, 16, generator=generator, dtype=torch.float64) @ mixing + 5.0
     patches = semantic.unsqueeze(1) + 0.1 * torch.randn(count, 3, 16, generator=generator, dtype=torch.float64)
     return semantic, patches
+
+
+def test_token_normalisations_by_hand():
+    tokens = torch.tensor([[[3.0, -4.0], [0.0, 9.0]]])
+    assert torch.equal(normalise_tokens(tokens, "none"), tokens)
+    assert torch.allclose(normalise_tokens(tokens, "l2"), torch.tensor([[[0.6, -0.8], [0.0, 1.0]]]))
+    root = torch.tensor([3.0 ** 0.5, -2.0]) / (3.0 + 4.0) ** 0.5
+    assert torch.allclose(normalise_tokens(tokens, "power"), torch.stack([root, torch.tensor([0.0, 1.0])])[None])
+
+
+def test_normalised_features_make_the_baselines_blind_to_image_contrast():
+    from baselines import GaussianScorer
+
+    config = make_config("demo", token_norm="l2")
+    rng = np.random.default_rng(0)
+    train = as_tensors({"sem": rng.random((200, 8), dtype=np.float32)}, config)["sem"]
+    test = rng.random((5, 8), dtype=np.float32)
+    scorer = GaussianScorer(0.0).fit(train)
+    scores = scorer.score(as_tensors({"sem": test}, config)["sem"])
+    assert torch.allclose(scorer.score(as_tensors({"sem": 7.0 * test}, config)["sem"]), scores)
 
 
 @pytest.mark.parametrize("token_dim", [0, 8])
