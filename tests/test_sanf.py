@@ -139,6 +139,22 @@ def test_bad_input_ends_with_one_line_and_no_files(argv, message, tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_corrupt_image_ends_with_one_line_naming_it_and_no_trusted_cache(tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    for name in ("train/good/0.png", "train/good/1.png", "test/good/0.png", "test/bad/0.png"):
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), (90, 120, 30)).save(data / name)
+    (data / "train/good/2.png").write_bytes(b"not a png")
+    result = cli("--dataset", "folder", "--data_root", str(data), "--cache_dir", "cache", "--results_dir", "results",
+                 cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "2.png" in result.stderr
+    assert not (tmp_path / "results").exists()
+    assert not [path for path in (tmp_path / "cache").rglob("*.npy") if ".partial" not in path.name]
+
+
 def test_cifar10_real_data_reaches_auroc(cifar10_root, tmp_path):
     """Real CIFAR-10 JPEG copy, a quick subset: 200 training images per class, 500 test images."""
     config = make_config("sanf_cifar10_lite0", data_root=str(cifar10_root), classes="automobile,ship",
