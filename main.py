@@ -510,8 +510,9 @@ def write_results(config: Config, folder: Path, per_class: dict[str, dict[str, A
     payload = {"per_class": per_class, "mean": mean, "config": config.to_dict(), "wall_seconds": wall,
                "selection": SELECTION_NOTE, "complete": complete, **(notes or {})}
     atomic_write_json(folder / "results.json", payload)
+    noun = ("category", "categories") if config.method == "cflow" else ("class", "classes")
     settings = (f"{config.dataset}, {config.backbone} ({config.img_size} px), "
-                f"{len(per_class)} {'classes' if config.method != 'cflow' else 'categories'}; "
+                f"{len(per_class)} {noun[len(per_class) != 1]}; "
                 f"image AUROC{'' if config.method != 'cflow' else ' and localisation metrics'}; {SELECTION_NOTE}.")
     markdown = f"{table(config, per_class, mean)}\n\n{settings}\n"
     atomic_write_bytes(folder / "results.md", markdown.encode())
