@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -338,6 +339,17 @@ def _check_disk(folder: Path, needed: int) -> None:
                            "are free; pass --cache_dir on a larger disk, fewer --classes, or --cache false (cflow)")
 
 
+PROGRESS_SECONDS = 10.0  # how often an extraction flushes its arrays and records its progress
+
+
+def _save_progress(arrays: dict[str, np.memmap], progress_path: Path, progress: dict) -> None:
+    """Make the rows written so far durable, then record how many there are (flushing every batch of a
+    large memory map costs a third of the extraction time)."""
+    for array in arrays.values():
+        array.flush()
+    atomic_write_json(progress_path, progress)
+
+
 def extract_unit(extractor: FeatureExtractor, images: ImageList, stem: Path, config: Config,
                  desc: str) -> dict[str, np.ndarray]:
     """Extract ``images`` into the unit ``stem``, resuming a matching partial extraction."""
@@ -356,20 +368,23 @@ def extract_unit(extractor: FeatureExtractor, images: ImageList, stem: Path, con
     arrays = {name: np.lib.format.open_memmap(_array_path(stem, name, partial=True), mode="r+" if done else "w+",
                                               dtype=np.float16, shape=tuple(shape))
               for name, shape in shapes.items()}
+    saved_at = time.monotonic()
     with tqdm(total=len(images), initial=done, desc=desc, unit="img", file=sys.stdout) as bar:
-        for batch in image_batches(images, config, start=done):
-            features = extractor(batch)
-            for name, value in features.items():
-                value16 = value.float().cpu().numpy().astype(np.float16)
-                if not np.isfinite(value16).all():
-                    raise CacheError(f"non-finite features from {config.backbone} in {desc} (float16 overflow "
-                                       "or a broken backbone); check --weights")
-                arrays[name][done:done + len(batch)] = value16
-            done += len(batch)
-            for array in arrays.values():
-                array.flush()
-            atomic_write_json(progress_path, {"meta": expected, "arrays": shapes, "done": done})
-            bar.update(len(batch))
+        try:
+            for batch in image_batches(images, config, start=done):
+                for name, value in extractor(batch).items():
+                    value16 = value.float().cpu().numpy().astype(np.float16)
+                    if not np.isfinite(value16).all():
+                        raise CacheError(f"non-finite features from {config.backbone} in {desc} (float16 overflow "
+                                         "or a broken backbone); check --weights")
+                    arrays[name][done:done + len(batch)] = value16
+                done += len(batch)
+                bar.update(len(batch))
+                if time.monotonic() - saved_at >= PROGRESS_SECONDS:
+                    _save_progress(arrays, progress_path, {"meta": expected, "arrays": shapes, "done": done})
+                    saved_at = time.monotonic()
+        finally:  # also on an interruption: the complete batches so far are kept for the resume
+            _save_progress(arrays, progress_path, {"meta": expected, "arrays": shapes, "done": done})
     names = list(arrays)
     arrays.clear()  # close the memory maps before renaming
     for name in names:
