@@ -535,9 +535,14 @@ def run(config: Config) -> dict[str, Any]:
     wall = {"features": 0.0, "methods": 0.0}
     runner = RUNNERS[config.method]
     payload: dict[str, Any] = {}
+    shared_test: dict[str, dict[str, Tensor]] = {}  # a test split shared by the classes, converted once
     for task in tasks:
         step = time.perf_counter()
-        train, test = (as_tensors(f, config) for f in task_features(extractor, task, config))
+        train_arrays, test_arrays = task_features(extractor, task, config)
+        train = as_tensors(train_arrays, config)
+        if task.test_key not in shared_test:
+            shared_test = {task.test_key: as_tensors(test_arrays, config)}
+        test = shared_test[task.test_key]
         wall["features"] += time.perf_counter() - step
         step = time.perf_counter()
         scores, info = runner(config, task, train, test, folder)
