@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -356,38 +357,18 @@ def run_cflow(config: Config, task: Task, extractor: FeatureExtractor, folder: P
     metrics = detection_and_localization(task.test_labels, scores, masks, None if masks is None else maps)
     metrics_seconds = time.perf_counter() - started
     save_map_figure(task, scores, maps, masks, config, folder / "figures" / f"maps_{task.name}.png")
-    return {**metrics, **info, "feature_seconds": feature_seconds, "metrics_seconds": metrics_seconds,
-            "map_normalization": config.map_norm, "parameters": sum(p.numel() for p in model.parameters()),
-            "n_train": len(task.train), "n_test": len(task.test)}
+    metrics = {**metrics, **info, "feature_seconds": feature_seconds, "metrics_seconds": metrics_seconds,
+               "map_normalization": config.map_norm, "parameters": sum(p.numel() for p in model.parameters()),
+               "n_train": len(task.train), "n_test": len(task.test)}
+    localisation = (f", pixel AUROC {metrics['pixel_auroc']:.4f}, AUPRO@0.3 {metrics['aupro']:.4f}"
+                    if "pixel_auroc" in metrics else "")
+    print(f"{task.name}: image AUROC {metrics['image_auroc']:.4f}{localisation}, image F1 "
+          f"{metrics['image_f1']:.4f} (maps normalised on {config.map_norm}); train "
+          f"{metrics['train_seconds']:.1f} s = {metrics['seconds_per_epoch']:.2f} s/epoch, "
+          f"{metrics['train_fibers_per_second']:.0f} fibers/s; score {metrics['score_seconds']:.1f} s")
+    return metrics
 
 
-def run_cflow_job(config: Config) -> dict[str, Any]:
-    """All categories of a CFLOW run; returns the results.json payload."""
-    started = time.perf_counter()
-    configure_torch(config)
-    tasks = load_tasks(config)
-    extractor = FeatureExtractor(config)
-    folder = results_folder(config)
-    per_class: dict[str, dict[str, Any]] = {}
-    wall = {"features": 0.0, "methods": 0.0}
-    notes = {"map_normalization": config.map_norm, "map_normalization_note": MAP_NORM_NOTES[config.map_norm]}
-    for task in tasks:
-        step = time.perf_counter()
-        metrics = per_class[task.name] = run_cflow(config, task, extractor, folder)
-        wall["features"] += metrics["feature_seconds"]
-        wall["methods"] += time.perf_counter() - step - metrics["feature_seconds"]
-        localisation = (f", pixel AUROC {metrics['pixel_auroc']:.4f}, AUPRO@0.3 {metrics['aupro']:.4f}"
-                        if "pixel_auroc" in metrics else "")
-        print(f"{task.name}: image AUROC {metrics['image_auroc']:.4f}{localisation}, image F1 "
-              f"{metrics['image_f1']:.4f} (maps normalised on {config.map_norm}); train "
-              f"{metrics['train_seconds']:.1f} s = {metrics['seconds_per_epoch']:.2f} s/epoch, "
-              f"{metrics['train_fibers_per_second']:.0f} fibers/s; score {metrics['score_seconds']:.1f} s")
-        wall["total"] = time.perf_counter() - started
-        write_results(config, folder, per_class, wall, cflow_table, complete=False, notes=notes)
-    payload = write_results(config, folder, per_class, wall, cflow_table, complete=True, notes=notes)
-    print((folder / "results.md").read_text())
-    print(f"results: {folder} (total {wall['total']:.1f} s)")
-    return payload
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -522,41 +503,54 @@ def write_results(config: Config, folder: Path, per_class: dict[str, dict[str, A
 RUNNERS = {"sanf": run_sanf, "knn": run_baseline, "gaussian": run_baseline}
 
 
+def run_one_class(config: Config, task: Task, extractor: FeatureExtractor, folder: Path,
+                  shared_test: dict[str, dict[str, Tensor]]) -> dict[str, Any]:
+    """Fit SANF or a baseline on one normal class, score the test split; returns its metrics.
+
+    ``shared_test`` keeps the last test split as tensors: the classes of a one-class protocol share
+    it, so it is converted once per run, not once per class.
+    """
+    started = time.perf_counter()
+    train_arrays, test_arrays = task_features(extractor, task, config)
+    train = as_tensors(train_arrays, config)
+    if task.test_key not in shared_test:
+        shared_test.clear()
+        shared_test[task.test_key] = as_tensors(test_arrays, config)
+    feature_seconds = time.perf_counter() - started
+    scores, info = RUNNERS[config.method](config, task, train, shared_test[task.test_key], folder)
+    metrics = {"image_auroc": image_auroc(task.test_labels, scores), **info, "feature_seconds": feature_seconds,
+               "n_train": len(task.train), "n_test": len(task.test)}
+    print(f"{task.name}: image AUROC {metrics['image_auroc']:.4f} "
+          f"(train {info['train_seconds']:.1f} s, score {info['score_seconds']:.1f} s)")
+    save_histogram(scores, task.test_labels, f"{task.name}: {method_label(config)}, "
+                   f"AUROC {metrics['image_auroc']:.3f}", folder / "figures" / f"scores_{task.name}.png")
+    return metrics
+
+
 def run(config: Config) -> dict[str, Any]:
-    """The whole job; returns the results.json payload."""
-    if config.method == "cflow":
-        return run_cflow_job(config)
+    """The whole job, every task in turn; returns the results.json payload (rewritten after each task)."""
     started = time.perf_counter()
     configure_torch(config)
     tasks = load_tasks(config)
     extractor = FeatureExtractor(config)
     folder = results_folder(config)
+    if config.method == "cflow":
+        table: Callable[[Config, dict, dict], str] = cflow_table
+        notes = {"map_normalization": config.map_norm, "map_normalization_note": MAP_NORM_NOTES[config.map_norm]}
+        run_task = partial(run_cflow, config, extractor=extractor, folder=folder)
+    else:
+        table, notes = one_class_table, None
+        run_task = partial(run_one_class, config, extractor=extractor, folder=folder, shared_test={})
     per_class: dict[str, dict[str, Any]] = {}
     wall = {"features": 0.0, "methods": 0.0}
-    runner = RUNNERS[config.method]
-    payload: dict[str, Any] = {}
-    shared_test: dict[str, dict[str, Tensor]] = {}  # a test split shared by the classes, converted once
     for task in tasks:
         step = time.perf_counter()
-        train_arrays, test_arrays = task_features(extractor, task, config)
-        train = as_tensors(train_arrays, config)
-        if task.test_key not in shared_test:
-            shared_test = {task.test_key: as_tensors(test_arrays, config)}
-        test = shared_test[task.test_key]
-        wall["features"] += time.perf_counter() - step
-        step = time.perf_counter()
-        scores, info = runner(config, task, train, test, folder)
-        wall["methods"] += time.perf_counter() - step
-        metrics = {"image_auroc": image_auroc(task.test_labels, scores), **info,
-                   "n_train": len(task.train), "n_test": len(task.test)}
-        per_class[task.name] = metrics
-        print(f"{task.name}: image AUROC {metrics['image_auroc']:.4f} "
-              f"(train {info['train_seconds']:.1f} s, score {info['score_seconds']:.1f} s)")
-        save_histogram(scores, task.test_labels, f"{task.name}: {method_label(config)}, "
-                       f"AUROC {metrics['image_auroc']:.3f}", folder / "figures" / f"scores_{task.name}.png")
+        metrics = per_class[task.name] = run_task(task)
+        wall["features"] += metrics["feature_seconds"]
+        wall["methods"] += time.perf_counter() - step - metrics["feature_seconds"]
         wall["total"] = time.perf_counter() - started
-        payload = write_results(config, folder, per_class, wall, one_class_table, complete=False)
-    payload = write_results(config, folder, per_class, wall, one_class_table, complete=True)
+        write_results(config, folder, per_class, wall, table, complete=False, notes=notes)
+    payload = write_results(config, folder, per_class, wall, table, complete=True, notes=notes)
     print((folder / "results.md").read_text())
     print(f"results: {folder} (total {wall['total']:.1f} s)")
     return payload
