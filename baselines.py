@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from utils import shrunk_covariance
+
 
 class KNNScorer:
     """Anomaly score = mean of the ``k`` smallest cosine distances to the training features."""
@@ -51,20 +53,8 @@ class GaussianScorer:
         self.precision: Tensor | None = None
 
     def fit(self, features: Tensor) -> GaussianScorer:
-        samples = features.double()
-        self.mean = samples.mean(dim=0)
-        centred = (samples - self.mean).numpy()
-        if self.shrinkage > 0:
-            covariance = centred.T @ centred / max(len(centred) - 1, 1)
-            self.used_shrinkage = self.shrinkage
-            target = np.trace(covariance) / covariance.shape[0] * np.eye(covariance.shape[0])
-            covariance = (1 - self.shrinkage) * covariance + self.shrinkage * target
-        else:
-            from sklearn.covariance import LedoitWolf
-
-            estimator = LedoitWolf(assume_centered=True).fit(centred)
-            covariance, self.used_shrinkage = estimator.covariance_, float(estimator.shrinkage_)
-        self.precision = torch.from_numpy(np.linalg.pinv(covariance, hermitian=True))
+        self.mean, covariance, self.used_shrinkage = shrunk_covariance(features, self.shrinkage)
+        self.precision = torch.from_numpy(np.linalg.pinv(covariance, hermitian=True)).to(self.mean.device)
         return self
 
     def score(self, features: Tensor) -> Tensor:

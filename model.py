@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from utils import shrunk_covariance
+
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 """ln sqrt(2 pi); the official code's ``_GCONST_`` is its negative, -0.9189385332046727."""
 
@@ -315,11 +317,7 @@ class SANFModel(nn.Module):
     @torch.no_grad()
     def fit_preprocessing(self, semantic_tokens: Tensor) -> None:
         """Mean and whitening from the normal training semantic tokens (M, D)."""
-        from sklearn.covariance import LedoitWolf
-
-        samples = semantic_tokens.double()
-        mean = samples.mean(dim=0)
-        covariance = LedoitWolf(assume_centered=True).fit((samples - mean).numpy()).covariance_
+        mean, covariance, _ = shrunk_covariance(semantic_tokens)
         eigenvalues, eigenvectors = torch.linalg.eigh(torch.from_numpy(covariance))
         order = eigenvalues.argsort(descending=True)[: self.flow_dim]
         axes = eigenvectors[:, order] / eigenvalues[order].clamp_min(1e-12).sqrt()  # (D, flow_dim)

@@ -1,4 +1,5 @@
-"""Small shared helpers: atomic files, torch set-up, seeding and the command-line error boundary."""
+"""Small shared helpers: atomic files, torch set-up, seeding, the shrunk covariance and the command-line
+error boundary."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch import Tensor
 
 
 def atomic_write_json(path: Path, payload: Any) -> None:
@@ -54,6 +56,25 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def shrunk_covariance(features: Tensor, shrinkage: float = 0.0) -> tuple[Tensor, np.ndarray, float]:
+    """Mean (D,) float64 on the features' device, shrunk covariance (D, D) float64 and the shrinkage used.
+
+    ``shrinkage`` 0 picks the Ledoit-Wolf coefficient from the data; a value in (0, 1] blends the
+    sample covariance with a scaled identity: (1 - s) S + s (tr S / D) I.
+    """
+    samples = features.double()
+    mean = samples.mean(dim=0)
+    centred = (samples - mean).cpu().numpy()
+    if shrinkage > 0:
+        covariance = centred.T @ centred / max(len(centred) - 1, 1)
+        target = np.trace(covariance) / covariance.shape[0] * np.eye(covariance.shape[0])
+        return mean, (1 - shrinkage) * covariance + shrinkage * target, shrinkage
+    from sklearn.covariance import LedoitWolf
+
+    estimator = LedoitWolf(assume_centered=True).fit(centred)
+    return mean, estimator.covariance_, float(estimator.shrinkage_)
 
 
 def run_cli(main: Callable[[], None], expected_errors: tuple[type[BaseException], ...]) -> None:
