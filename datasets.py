@@ -12,9 +12,11 @@ that says where the files are expected.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -57,6 +59,10 @@ class FileLoader:
         except (OSError, UnidentifiedImageError, ValueError) as error:
             raise DataError(f"cannot read image {path} ({error}); remove or replace the file") from None
 
+    def source(self, position: int) -> str:
+        """The absolute, resolved path of the image (what predict.py matches scores.csv rows by)."""
+        return os.path.realpath(self.paths[position])
+
 
 class ArrayLoader:
     """Loads images from a uint8 array (N, H, W) or (N, H, W, 3)."""
@@ -86,6 +92,12 @@ class ImageList:
 
     def load(self, index: int) -> Image.Image:
         return self.loader(int(self.positions[index]))
+
+    def source(self, index: int) -> str:
+        """Where image ``index`` comes from: the loader's ``source`` (a resolved file path for
+        :class:`FileLoader`), else its id (array-backed images such as ``test/123`` have no file)."""
+        source = getattr(self.loader, "source", None)
+        return self.ids[index] if source is None else source(int(self.positions[index]))
 
     def subset(self, indices: np.ndarray) -> ImageList:
         indices = np.asarray(indices, dtype=np.int64)
@@ -340,20 +352,90 @@ def _defect_task(name: str, root: Path, masks_required: bool, key_prefix: str) -
                 f"{key_prefix}train", f"{key_prefix}test")
 
 
+def _is_defect_folder(folder: Path) -> bool:
+    return (folder / "train" / "good").is_dir()
+
+
+def defect_categories(root: Path) -> list[str]:
+    """The sorted subfolders of ``root`` that have ``train/good/`` (MVTec layout); [] if root is missing."""
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and _is_defect_folder(p))
+
+
 def mvtec_tasks(root: Path, names: list[str] | None) -> list[Task]:
-    names = list(MVTEC_CATEGORIES) if names is None else names
-    unknown = [n for n in names if n not in MVTEC_CATEGORIES]
-    if unknown:
-        raise DataError(f"unknown MVTec AD category {', '.join(unknown)}; valid: {', '.join(MVTEC_CATEGORIES)}")
-    missing = [n for n in names if not (root / n).is_dir()]
-    if missing:
-        present = [n for n in MVTEC_CATEGORIES if (root / n).is_dir()]
-        raise DataError(f"MVTec AD category folder(s) {', '.join(missing)} not found under '{root}'"
-                        f"{'; present: ' + ', '.join(present) + ' (pass --classes)' if present else ''}")
+    """One task per category folder ``root/<name>``; None = every subfolder with ``train/good/``.
+
+    Names outside MVTec AD's 15 are accepted for folders in its layout (magnetic tile, MVTec-style
+    exports of other data); a note says so, because a typo of a real category would otherwise only
+    show up as a missing folder.
+    """
+    if names is None:
+        names = defect_categories(root)
+        if not names:
+            raise DataError(f"no category folder with train/good/ under '{root}': expected "
+                            f"{root}/<category>/train/good/ and {root}/<category>/test/<defect>/ (MVTec AD layout)")
+    bad = [n for n in names if Path(n).name != n or n in (".", "..") or not _is_defect_folder(root / n)]
+    if bad:
+        present = defect_categories(root)
+        raise DataError(f"category folder(s) {', '.join(str(root / n) for n in bad)} not found under '{root}' "
+                        f"or without train/good/; categories present under '{root}': "
+                        f"{', '.join(present) if present else 'none'} (pass --classes)")
+    for name in names:
+        if name not in MVTEC_CATEGORIES:
+            print(f"note: '{name}' is not one of MVTec AD's 15 categories; read as an MVTec-layout folder")
     return [_defect_task(n, root / n, True, f"{n}/") for n in names]
 
 
+# ----------------------------------------------------------------------------- prediction inputs
+
+
+def list_image_files(pattern: str) -> list[Path]:
+    """A directory: every image file under it, recursively; otherwise a glob pattern (``**`` recurses)."""
+    path = Path(pattern).expanduser()
+    candidates = path.rglob("*") if path.is_dir() else map(Path, glob.glob(str(path), recursive=True))
+    files = sorted(p for p in candidates if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found for '{pattern}': "
+                        f"pass a folder or a glob pattern such as 'images/**/*.png'")
+    return files
+
+
+def image_list_from_files(paths: Sequence[Path]) -> ImageList:
+    """Unlabelled images (targets 0) whose ids are their resolved paths."""
+    resolved = [os.path.realpath(p) for p in paths]
+    return ImageList.create(resolved, [0] * len(resolved), FileLoader(resolved))
+
+
 # ----------------------------------------------------------------------------- protocol
+
+
+def dataset_identity(config: Config) -> str:
+    """A file-name-safe name of the data a run reads, for cache and results folder names.
+
+    The dataset kind alone is not enough: two ``--dataset folder`` runs on different folders (or two
+    MVTec copies at different resolutions) would share caches and results. The hash of the resolved
+    root tells them apart, and makes a relative and an absolute path to one folder agree.
+    """
+    if config.dataset == "digits":
+        return "digits"
+    root = Path(config.resolved_data_root()).resolve()
+    digest = hashlib.sha256(str(root).encode()).hexdigest()[:8]
+    return re.sub(r"[^A-Za-z0-9._-]", "_", f"{config.dataset}-{root.name}-{digest}")
+
+
+def held_out_split(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (fit, held-out) indices into ``count`` training images.
+
+    Its own generator stream ([seed, 7919]), so asking for a held-out part does not change the
+    other seeded draws (subsets, initialisation). At least one image is held out when fraction > 0
+    (a tiny fraction would otherwise silently hold out none) and at least one is kept for the fit.
+    """
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"held-out fraction must lie in [0, 1], got {fraction}")
+    held = 0 if fraction == 0 or count < 2 else min(max(round(count * fraction), 1), count - 1)
+    order = np.random.default_rng([seed, 7919]).permutation(count).astype(np.int64)
+    return np.sort(order[held:]), np.sort(order[:held])
 
 
 def _subset_indices(n: int, limit: int, rng: np.random.Generator) -> np.ndarray:

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from config import Config, ConfigError, describe, parse_args
-from datasets import DataError, ImageList, Task, load_tasks
+from datasets import DataError, ImageList, Task, dataset_identity, load_tasks
 from utils import atomic_write_json, configure_torch, run_cli
 
 CACHE_FORMAT = 1
@@ -247,7 +247,9 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> dict[str, Tensor]:
-        return dict(zip(self.names, self.compute(self.normalise(images))))
+        """Named features, float32 holding float16 values: the numbers the cache stores, so that an image
+        scores the same whether its features were cached, computed on the fly or computed by predict.py."""
+        return {name: value.half().float() for name, value in zip(self.names, self.compute(self.normalise(images)))}
 
 
 class _ResizedImages(torch.utils.data.Dataset):
@@ -281,14 +283,15 @@ def image_batches(images: ImageList, config: Config, start: int = 0,
 
 
 def cache_folder(config: Config) -> Path:
-    """One folder per dataset and feature setting; the weights file's hash is checked inside."""
+    """One folder per dataset (its resolved root, ``datasets.dataset_identity``) and feature setting; the
+    weights file's hash, the image list and the shapes are checked per unit inside."""
     weights_tag = "default" if config.weights == "default" else Path(config.weights).stem or config.weights
     if config.method == "cflow":
         what = "+".join(config.layer_list())
     else:
         what = f"g{config.patch_grid}"
     name = f"{config.backbone}-{weights_tag}-{config.img_size}px-{what}".replace("/", "_")
-    return Path(config.cache_dir) / config.dataset / name
+    return Path(config.cache_dir) / dataset_identity(config) / name
 
 
 def unit_metadata(extractor: FeatureExtractor, config: Config, images: ImageList) -> dict:
@@ -313,16 +316,16 @@ def read_unit(stem: Path, expected: dict) -> dict[str, np.ndarray] | None:
     differences = [k for k in expected if stored.get("meta", {}).get(k) != expected[k]]
     if differences:
         raise StaleCacheError(f"feature cache {meta_path} is stale ({', '.join(differences)} changed); "
-                              f"rerun extractor.py with --refresh_cache true, or delete {stem.parent}")
+                              f"rerun with --refresh_cache (rebuilds this unit only), or delete {meta_path.parent}")
     arrays = {}
     for name, shape in stored["arrays"].items():
         path = _array_path(stem, name, partial=False)
         if not path.is_file():
-            raise StaleCacheError(f"feature cache {path} is missing; rerun extractor.py with --refresh_cache true")
+            raise StaleCacheError(f"feature cache {path} is missing; rerun with --refresh_cache")
         arrays[name] = np.load(path, mmap_mode="r")
         if list(arrays[name].shape) != shape:
             raise StaleCacheError(f"feature cache {path} has shape {arrays[name].shape}, expected {shape}; "
-                                  "rerun extractor.py with --refresh_cache true")
+                                  "rerun with --refresh_cache")
     return arrays
 
 

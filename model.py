@@ -1,22 +1,28 @@
-"""CFLOW-AD: conditional normalizing flows over multi-scale frozen CNN features.
+"""The flows and the detectors that own the path from images to scores and maps.
 
-Gudovskiy, Ishizaka and Kozuka, "CFLOW-AD: Real-Time Unsupervised Anomaly Detection
-with Localization via Conditional Normalizing Flows", WACV 2022.
-
-Each stage ("pool layer") of a frozen encoder gives a feature map (B, C, H, W). Every
-spatial position is a *fiber*: the C-vector ``feature_map[b, :, h, w]``. One conditional
-flow (decoder) per stage maps a fiber to a latent z ~ N(0, I_C), conditioned on a 2-D
-positional encoding of (h, w). Fibers are scored by their log-likelihood per dimension,
-log p / C, which is both what the loss uses and what the anomaly maps are built from
-(see ``anomaly_map.py`` for the post-processing).
-
-Defaults follow the official code (github.com/gudovskiy/cflow-ad) unless stated;
-differences from anomalib (models/image/cflow) are named where they exist.
+- :class:`CFlowModel`: CFLOW-AD (Gudovskiy, Ishizaka and Kozuka, WACV 2022), one conditional flow
+  per stage of a frozen CNN. Every spatial position of a stage's feature map (B, C, H, W) is a
+  *fiber*, mapped to z ~ N(0, I_C) conditioned on a 2-D positional encoding of (h, w); fibers are
+  scored by log p / C (the loss and the anomaly maps, ``anomaly_map.py``). Defaults follow the
+  official code (github.com/gudovskiy/cflow-ad); differences from anomalib are named.
+- :class:`SANFModel`: SANF-AD (Ma, Lan et al., ICME 2023), a fixed whitening then the CAFF flow
+  (``fusion.py``) over the semantic token, conditioned on the texture tokens.
+- Detectors (:class:`SANFDetector`, :class:`CFlowDetector`, :class:`KNNDetector`,
+  :class:`GaussianDetector`): frozen backbone + fitted head + token normalisation + a decision
+  threshold set on held-out normal training images, with ``fit`` / ``score`` / ``score_images`` /
+  ``save``; :func:`load_detector` reads a checkpoint back (``torch.load(weights_only=True)``: no
+  pickled code runs) and refuses settings it was not trained with.
 """
 
+from __future__ import annotations
+
+import dataclasses
+import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import FrEIA.framework as Ff
 import FrEIA.modules as Fm
@@ -24,8 +30,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
-from utils import shrunk_covariance
+from anomaly_map import AnomalyMapGenerator, reference_from_training
+from baselines import GaussianScorer, KNNScorer
+from config import Config, ConfigError
+from datasets import ImageList
+from extractor import FeatureExtractor, image_batches
+from fusion import build_sanf_flow
+from train import TrainingError, train_cflow, train_sanf
+from utils import atomic_torch_save, shrunk_covariance
 
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 """ln sqrt(2 pi); the official code's ``_GCONST_`` is its negative, -0.9189385332046727."""
@@ -125,44 +139,6 @@ def build_cflow_decoder(
     return decoder
 
 
-def cflow_loss(log_likelihood_per_dim: Tensor) -> Tensor:
-    """Mean of -logsigmoid(log p / C) over fibers (official ``-log_theta(log_prob)``, anomalib).
-
-    Args:
-        log_likelihood_per_dim: Tensor (M,), log p / C of each fiber.
-
-    Returns:
-        Scalar tensor.
-    """
-    return -F.logsigmoid(log_likelihood_per_dim).mean()
-
-
-def shuffled_fiber_chunks(
-    fibers: Tensor, conditions: Tensor, chunk_size: int, generator: torch.Generator
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Shuffle the fibers of a batch and yield them in contiguous chunks, with their conditions.
-
-    The training loop takes one optimizer step per chunk, as the official code (chunk 256,
-    ``N``) and anomalib (``fiber_batch_size`` 64). The last, partial chunk is kept.
-
-    Args:
-        fibers: Tensor (M, C).
-        conditions: Tensor (M, P), row i the condition of fiber i.
-        chunk_size: fibers per chunk, > 0.
-        generator: draws the permutation; the same generator state gives the same order.
-
-    Yields:
-        (fibers (m, C), conditions (m, P)) with m = chunk_size except possibly for the last chunk.
-    """
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if fibers.shape[0] != conditions.shape[0]:
-        raise ValueError(f"{fibers.shape[0]} fibers but {conditions.shape[0]} conditions")
-    order = torch.randperm(fibers.shape[0], generator=generator, device=generator.device).to(fibers.device)
-    for chunk in order.split(chunk_size):
-        yield fibers[chunk], conditions[chunk]
-
-
 class CFlowModel(nn.Module):
     """One conditional flow decoder per encoder stage; the encoder itself lives elsewhere.
 
@@ -196,6 +172,7 @@ class CFlowModel(nn.Module):
         if condition_dims % 4 != 0:
             raise ValueError(f"condition_dims must be divisible by 4, got {condition_dims}")
         self.stage_names: tuple[str, ...] = tuple(stage_channels)
+        self.stage_channels = dict(stage_channels)
         self._decoder_keys: dict[str, str] = {name: name.replace(".", "_") for name in self.stage_names}
         if len(set(self._decoder_keys.values())) != len(self.stage_names):
             raise ValueError(f"stage names collide once '.' is replaced by '_': {self.stage_names}")
@@ -304,11 +281,11 @@ class SANFModel(nn.Module):
                  clamp: float = 3.0, context: str = "half", fusion: bool = True, seed: int = 0,
                  token_dim: int = 0) -> None:
         super().__init__()
-        from fusion import build_sanf_flow
 
         if token_dim > dim:
             raise ValueError(f"token_dim ({token_dim}) cannot exceed the token width ({dim})")
         self.flow_dim = token_dim or dim
+        self.n_tokens = n_tokens
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("whitening", torch.eye(dim)[:, : self.flow_dim].clone())
         self.flow = build_sanf_flow(self.flow_dim, n_tokens, n_layers=n_layers, hidden=hidden, heads=heads,
@@ -347,3 +324,445 @@ class SANFModel(nn.Module):
         if score == "z2":
             return self.latent(semantic_tokens, patch_tokens)[0].pow(2).mean(dim=1)
         raise ValueError(f"score must be 'nll' or 'z2', got {score!r}")
+
+
+# ----------------------------------------------------------------------------- detectors
+
+DETECTOR_FORMAT = "nf-anomaly-detector/1"
+COMMON_SCORE_FIELDS = ("method", "backbone", "img_size")
+SCORE_FIELDS: dict[str, tuple[str, ...]] = {
+    "sanf": ("patch_grid", "token_norm", "fusion", "caff_context", "n_flow_layers", "token_dim", "hidden", "heads",
+             "clamp", "score"),
+    "knn": ("token_norm", "knn_k"),
+    "gaussian": ("token_norm", "gaussian_shrinkage"),
+    "cflow": ("layers", "condition_dims", "n_flow_layers", "clamp", "permute_soft", "map_norm"),
+}
+"""Settings that change a trained detector's scores, per method: a checkpoint refuses other values."""
+
+
+class DetectorError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the asked settings; the message names the fix."""
+
+
+def normalise_tokens(tokens: Tensor, how: str) -> Tensor:
+    """Per-token normalisation over the channel axis: none, l2 (unit length) or power (signed square root,
+    then unit length). Applied to every semantic method's features alike, so that comparisons stay fair."""
+    if how == "power":
+        tokens = tokens.sign() * tokens.abs().sqrt()
+    if how in ("l2", "power"):
+        tokens = F.normalize(tokens, dim=-1)
+    return tokens
+
+
+class StageFeatures:
+    """Per-stage feature maps (B, C, H, W) of a list of images, a batch of images at a time.
+
+    Built from cached float16 arrays (converted once into float32 channels-last tensors, so that no
+    epoch converts them again and a batch's fibers are a view of its maps), from tensors, or from an
+    image list and the extractor (``--no-cache``: every batch goes through the backbone again, as in
+    the official code and anomalib).
+    """
+
+    def __init__(self, maps: dict[str, Tensor] | None = None, images: ImageList | None = None,
+                 extractor: FeatureExtractor | None = None, config: Config | None = None) -> None:
+        if (maps is None) == (images is None or extractor is None or config is None):
+            raise ValueError("give either the maps, or the images with an extractor and a config")
+        self.maps, self.images, self.extractor, self.config = maps, images, extractor, config
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], device: str | torch.device) -> StageFeatures:
+        return cls({stage: torch.from_numpy(np.asarray(array, dtype=np.float32)).to(device)
+                    .contiguous(memory_format=torch.channels_last) for stage, array in arrays.items()})
+
+    def __len__(self) -> int:
+        return len(next(iter(self.maps.values()))) if self.maps is not None else len(self.images)
+
+    def batches(self, batch_size: int, order: Tensor | None = None) -> Iterator[dict[str, Tensor]]:
+        """Feature maps of ``batch_size`` images at a time, in ``order`` (default: the listed order)."""
+        order = torch.arange(len(self)) if order is None else order
+        if self.maps is not None:
+            for index in order.split(batch_size):
+                yield {stage: maps[index.to(maps.device)] for stage, maps in self.maps.items()}
+            return
+        for images in image_batches(self.images.subset(order.numpy()), self.config, batch_size=batch_size):
+            yield {stage: value.float() for stage, value in self.extractor(images).items()}
+
+    def stage_channels(self) -> dict[str, int]:
+        return {stage: feature_map.shape[1] for stage, feature_map in next(self.batches(1)).items()}
+
+
+TokenFeatures = dict[str, Tensor]
+"""Raw semantic-method features of M images: ``sem`` (M, D) and ``patches`` (M, N, D), float32."""
+
+
+def _jsonable(value: Any) -> Any:
+    """Python floats / ints / lists / dicts only, for the checkpoint's JSON metadata."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.generic, Tensor)):
+        return value.item()
+    return value
+
+
+class Detector:
+    """Frozen backbone + a head fitted on normal images + a decision threshold.
+
+    Subclasses implement ``_fit`` (train the head, return its info), ``score`` (features → image
+    scores and, for CFLOW, anomaly maps), ``features_of`` (backbone outputs → what ``score`` takes),
+    ``count`` and ``_state`` / ``_restore`` (tensors and JSON metadata of the head).
+
+    The threshold is the (1 - ``threshold_fpr``) quantile of the scores of the held-out normal
+    training images (or, with ``val_fraction`` 0, of the fit images themselves, which is optimistic
+    and said so in ``threshold_rule``). No test image is used.
+    """
+
+    method = ""
+
+    def __init__(self, config: Config, extractor: FeatureExtractor | None = None) -> None:
+        self.config = config
+        self._extractor = extractor
+        self.weights_source = extractor.weights_source if extractor is not None else ""
+        self.threshold = math.nan
+        self.threshold_rule = ""
+        self.info: dict[str, Any] = {}
+
+    @property
+    def extractor(self) -> FeatureExtractor:
+        """The frozen backbone, built on first use; its weights must be those the detector was trained with."""
+        if self._extractor is None:
+            extractor = FeatureExtractor(self.config)
+            if self.weights_source and not same_weights(self.weights_source, extractor.weights_source):
+                raise DetectorError(f"the detector was trained on backbone weights {self.weights_source}, but "
+                                    f"--weights {self.config.weights} gives {extractor.weights_source}; pass the "
+                                    "weights file it was trained with")
+            self._extractor = extractor
+            self.weights_source = extractor.weights_source
+        return self._extractor
+
+    def fit(self, fit: Any, held_out: Any | None, name: str) -> dict[str, Any]:
+        """Train on the fit images' features; set the threshold from the held-out ones (see the class doc)."""
+        self.info = self._fit(fit, held_out, name)
+        reference = fit if held_out is None or self.count(held_out) == 0 else held_out
+        scores = self.score(reference)[0]
+        quantile = 1.0 - self.config.threshold_fpr
+        self.threshold = float(np.quantile(scores, quantile))
+        which = ("held-out normal training images" if reference is held_out else
+                 "fit images themselves (val_fraction 0: optimistic, expect more false alarms)")
+        self.threshold_rule = (f"{quantile:g} quantile of the scores of {len(scores)} {which}: target false-positive "
+                               f"rate {self.config.threshold_fpr:g}")
+        return self.info
+
+    def score_images(self, images: Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 images (B, 3, S, S) at ``img_size`` → image scores (B,) and anomaly maps (B, S, S) or None."""
+        return self.score(self.features_of(self.extractor(images)))
+
+    def flagged(self, scores: np.ndarray) -> np.ndarray:
+        """Which scores are above the decision threshold."""
+        return scores > self.threshold
+
+    def save(self, path: Path) -> None:
+        """One file with everything scoring needs; readable with ``torch.load(weights_only=True)``."""
+        tensors, meta = self._state()
+        atomic_torch_save({
+            "format": DETECTOR_FORMAT, "method": self.method, "config": json.dumps(self.config.to_dict()),
+            "weights_source": self.weights_source,
+            "meta": json.dumps(_jsonable({**meta, "threshold": self.threshold, "threshold_rule": self.threshold_rule,
+                                          "info": self.info})),
+            "state": {name: tensor.detach().cpu() for name, tensor in tensors.items()},
+        }, Path(path))
+
+    def count(self, features: Any) -> int:
+        return len(features)
+
+    def _fit(self, fit: Any, held_out: Any | None, name: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def score(self, features: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        raise NotImplementedError
+
+    def features_of(self, backbone_outputs: dict[str, Tensor]) -> Any:
+        raise NotImplementedError
+
+    def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        raise NotImplementedError
+
+    def _restore(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+def same_weights(trained: str, now: str) -> bool:
+    """Whether two weights descriptions name the same weights (by hash where both have one)."""
+    if ":sha256:" in trained and ":sha256:" in now:
+        return trained.rsplit(":", 1)[1] == now.rsplit(":", 1)[1]
+    return trained == now
+
+
+class _TokenDetector(Detector):
+    """Shared part of the detectors over the semantic (and texture) tokens."""
+
+    def features_of(self, backbone_outputs: dict[str, Tensor]) -> TokenFeatures:
+        return {name: value.float() for name, value in backbone_outputs.items()}
+
+    def count(self, features: TokenFeatures) -> int:
+        return len(features["sem"])
+
+    def normalised(self, features: TokenFeatures) -> TokenFeatures:
+        """``token_norm`` applied, on the device; non-finite features stop with a TrainingError."""
+        tokens = {name: normalise_tokens(value.to(self.config.device).float(), self.config.token_norm)
+                  for name, value in features.items()}
+        if not all(torch.isfinite(value).all() for value in tokens.values()):
+            raise TrainingError("non-finite features; rebuild the cache (extractor.py --refresh_cache) and check "
+                                "--weights")
+        return tokens
+
+    @torch.no_grad()
+    def score(self, features: TokenFeatures) -> tuple[np.ndarray, None]:
+        tokens = self.normalised(features)
+        chunks = [self._score_tokens({name: value[start:start + 1024] for name, value in tokens.items()})
+                  for start in range(0, self.count(tokens), 1024)]
+        return torch.cat(chunks).double().cpu().numpy(), None
+
+    def _score_tokens(self, tokens: TokenFeatures) -> Tensor:
+        raise NotImplementedError
+
+
+class SANFDetector(_TokenDetector):
+    """SANF-AD: whitening + CAFF flow over the semantic token; score ``nll`` or ``z2`` (``config.score``)."""
+
+    method = "sanf"
+
+    def __init__(self, config: Config, extractor: FeatureExtractor | None = None) -> None:
+        super().__init__(config, extractor)
+        self.model: SANFModel | None = None
+
+    def _build(self, dim: int, n_tokens: int) -> None:
+        config = self.config
+        try:
+            model = SANFModel(dim, n_tokens, n_layers=config.n_flow_layers, hidden=config.hidden, heads=config.heads,
+                              clamp=config.clamp, context=config.caff_context, fusion=config.fusion == "caff",
+                              seed=config.seed, token_dim=config.token_dim)
+        except ValueError as error:  # shapes that do not fit the flow's settings (heads, token_dim)
+            raise ConfigError(str(error)) from None
+        self.model = model.to(config.device)
+
+    def _fit(self, fit: TokenFeatures, held_out: TokenFeatures | None, name: str) -> dict[str, Any]:
+        tokens = self.normalised(fit)
+        self._build(tokens["sem"].shape[1], tokens["patches"].shape[1])
+        self.model.fit_preprocessing(tokens["sem"])
+        held = None if held_out is None or self.count(held_out) == 0 else self.normalised(held_out)
+        info = train_sanf(self.model, tokens, held, self.config, name)
+        return {**info, "parameters": sum(p.numel() for p in self.model.flow.parameters())}
+
+    def _score_tokens(self, tokens: TokenFeatures) -> Tensor:
+        return self.model.anomaly_score(tokens["sem"], tokens["patches"], self.config.score)
+
+    def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        return self.model.state_dict(), {"dim": self.model.mean.numel(), "n_tokens": self.model.n_tokens}
+
+    def _restore(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        self._build(meta["dim"], meta["n_tokens"])
+        self.model.load_state_dict(tensors, strict=True)
+        self.model.eval()
+
+
+class KNNDetector(_TokenDetector):
+    """kNN baseline: mean cosine distance to the ``knn_k`` nearest fit images' semantic tokens."""
+
+    method = "knn"
+
+    def __init__(self, config: Config, extractor: FeatureExtractor | None = None) -> None:
+        super().__init__(config, extractor)
+        self.scorer = KNNScorer(config.knn_k)
+
+    def _fit(self, fit: TokenFeatures, held_out: TokenFeatures | None, name: str) -> dict[str, Any]:
+        self.scorer.fit(self.normalised(fit)["sem"])
+        return {}
+
+    def _score_tokens(self, tokens: TokenFeatures) -> Tensor:
+        return self.scorer.score(tokens["sem"])
+
+    def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        return {"bank": self.scorer.bank}, {}
+
+    def _restore(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        self.scorer.bank = tensors["bank"].to(self.config.device)
+
+
+class GaussianDetector(_TokenDetector):
+    """Gaussian baseline: squared Mahalanobis distance with a shrunk covariance of the fit images' tokens."""
+
+    method = "gaussian"
+
+    def __init__(self, config: Config, extractor: FeatureExtractor | None = None) -> None:
+        super().__init__(config, extractor)
+        self.scorer = GaussianScorer(config.gaussian_shrinkage)
+
+    def _fit(self, fit: TokenFeatures, held_out: TokenFeatures | None, name: str) -> dict[str, Any]:
+        self.scorer.fit(self.normalised(fit)["sem"])
+        return {"shrinkage": self.scorer.used_shrinkage}
+
+    def _score_tokens(self, tokens: TokenFeatures) -> Tensor:
+        return self.scorer.score(tokens["sem"])
+
+    def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        return {"mean": self.scorer.mean, "precision": self.scorer.precision}, {}
+
+    def _restore(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        self.scorer.mean = tensors["mean"].to(self.config.device)
+        self.scorer.precision = tensors["precision"].to(self.config.device)
+
+
+class CFlowDetector(Detector):
+    """CFLOW-AD: per-stage conditional flows → anomaly maps normalised as ``map_norm`` says."""
+
+    method = "cflow"
+
+    def __init__(self, config: Config, extractor: FeatureExtractor | None = None) -> None:
+        super().__init__(config, extractor)
+        self.model: CFlowModel | None = None
+        self.reference: dict[str, float] | None = None
+
+    def _build(self, stage_channels: dict[str, int]) -> None:
+        config = self.config
+        self.model = CFlowModel(stage_channels, condition_dims=config.condition_dims, n_blocks=config.n_flow_layers,
+                                clamp=config.clamp, permute_soft=config.permute_soft,
+                                seed=config.seed).to(config.device)
+
+    def features_of(self, backbone_outputs: dict[str, Tensor]) -> StageFeatures:
+        return StageFeatures({stage: value.float() for stage, value in backbone_outputs.items()})
+
+    def _fit(self, fit: StageFeatures, held_out: StageFeatures | None, name: str) -> dict[str, Any]:
+        self._build(fit.stage_channels())
+        held = None if held_out is None or len(held_out) == 0 else held_out
+        info = train_cflow(self.model, fit, held, self.config, name)
+        self.reference = self.training_reference(fit) if self.config.map_norm == "train" else None
+        return {**info, "parameters": sum(p.numel() for p in self.model.parameters())}
+
+    @torch.no_grad()
+    def training_reference(self, fit: StageFeatures) -> dict[str, float]:
+        """Per-stage maximum of log p / C over the fit images' fibers (``map_norm`` train)."""
+        self.model.eval()
+        batches = tqdm(fit.batches(self.config.test_batch_size), desc="training reference", leave=False,
+                       total=math.ceil(len(fit) / self.config.test_batch_size), unit="batch")
+        return reference_from_training(self.model.stage_log_likelihood_maps(features) for features in batches)
+
+    @torch.no_grad()
+    def stage_log_likelihoods(self, features: StageFeatures) -> dict[str, Tensor]:
+        """log p / C maps (N, H_l, W_l) of every image, per stage."""
+        self.model.eval()
+        size = self.config.test_batch_size
+        batches = [self.model.stage_log_likelihood_maps(f) for f in
+                   tqdm(features.batches(size), desc="scoring", total=math.ceil(len(features) / size),
+                        unit="batch", leave=False, disable=len(features) <= size)]
+        return {stage: torch.cat([maps[stage] for maps in batches]) for stage in self.model.stage_names}
+
+    def score(self, features: StageFeatures) -> tuple[np.ndarray, np.ndarray]:
+        """Image scores (N,) float64 and anomaly maps (N, S, S) float32 at ``img_size`` under ``map_norm``."""
+        return anomaly_maps(self.stage_log_likelihoods(features), self.config, self.reference)
+
+    def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        return self.model.state_dict(), {"stage_channels": self.model.stage_channels, "reference": self.reference}
+
+    def _restore(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        self._build(meta["stage_channels"])
+        self.model.load_state_dict(tensors, strict=True)
+        self.model.eval()
+        self.reference = meta["reference"]
+        if self.config.map_norm == "train" and not self.reference:
+            raise DetectorError("the checkpoint holds no training reference for map_norm train; retrain")
+
+
+def anomaly_maps(stage_maps: dict[str, Tensor], config: Config,
+                 reference: dict[str, float] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Image scores (N,) float64 and anomaly maps (N, S, S) float32 at img_size, under ``map_norm``.
+
+    ``train`` maps each image with the training reference alone (needs ``reference``); ``test``
+    normalises the whole given set at once (official code); ``batch`` each group of
+    ``test_batch_size`` images (anomalib).
+    """
+    size = (config.img_size, config.img_size)
+    generator = AnomalyMapGenerator(size, config.map_norm, reference if config.map_norm == "train" else None)
+    count = len(next(iter(stage_maps.values())))
+    group = count if config.map_norm == "test" else config.test_batch_size
+    scores, maps = [], []
+    for start in range(0, count, group):
+        batch_maps = generator({stage: values[start:start + group] for stage, values in stage_maps.items()})
+        scores.append(generator.image_scores(batch_maps).cpu().numpy())
+        maps.append(batch_maps.float().cpu().numpy())
+    return np.concatenate(scores), np.concatenate(maps)
+
+
+DETECTORS: dict[str, type[Detector]] = {"sanf": SANFDetector, "cflow": CFlowDetector, "knn": KNNDetector,
+                                        "gaussian": GaussianDetector}
+
+
+def build_detector(config: Config, extractor: FeatureExtractor | None = None) -> Detector:
+    return DETECTORS[config.method](config, extractor)
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DetectorError(f"no checkpoint {path}; train first (main.py without --eval_only)")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for foreign or corrupt files
+        raise DetectorError(f"cannot read checkpoint {path} ({type(error).__name__}); it is not a detector file "
+                            "written by main.py: retrain, or pass the right file") from None
+    if not isinstance(saved, dict) or saved.get("format") != DETECTOR_FORMAT:
+        raise DetectorError(f"{path} is not a detector checkpoint of this project (expected format "
+                            f"{DETECTOR_FORMAT}); retrain with main.py")
+    return saved
+
+
+def trained_config(saved: dict[str, Any], path: Path) -> Config:
+    """The configuration a checkpoint was trained with."""
+    try:
+        return Config(**json.loads(saved["config"]))
+    except (TypeError, ValueError) as error:
+        raise DetectorError(f"checkpoint {path} holds a configuration this version cannot read ({error}); "
+                            "retrain") from None
+
+
+def settings_differences(trained: Config, asked: Config) -> list[str]:
+    """Score-affecting fields whose values differ, as ``name (checkpoint X, asked Y)``."""
+    names = COMMON_SCORE_FIELDS + SCORE_FIELDS[trained.method]
+    return [f"{name} (checkpoint {getattr(trained, name)!r}, asked {getattr(asked, name)!r})"
+            for name in names if getattr(trained, name) != getattr(asked, name)]
+
+
+def load_detector(path: Path | str, config: Config | None = None, extractor: FeatureExtractor | None = None,
+                  **run_settings: Any) -> Detector:
+    """A trained detector from its checkpoint.
+
+    Args:
+        path: the checkpoint (``<results>/checkpoints/<task>.pt``).
+        config: the settings asked for; a score-affecting field that differs from the checkpoint's
+            stops with a DetectorError naming every such field. None: the checkpoint's own settings.
+        extractor: a backbone already built for these settings (its weights are checked).
+        run_settings: without ``config``, fields that do not change scores (device, weights location,
+            test_batch_size, threads) replaced in the checkpoint's settings.
+    """
+    path = Path(path)
+    saved = _read_checkpoint(path)
+    trained = trained_config(saved, path)
+    if config is not None:
+        differences = settings_differences(trained, config)
+        if differences:
+            raise DetectorError(f"checkpoint {path} was trained with other settings: {'; '.join(differences)}; "
+                                "drop those flags (or pass --config with the run's results.json) or retrain")
+    else:
+        config = dataclasses.replace(trained, **run_settings)
+    if extractor is not None and not same_weights(saved["weights_source"], extractor.weights_source):
+        raise DetectorError(f"checkpoint {path} was trained on backbone weights {saved['weights_source']}, this run "
+                            f"loads {extractor.weights_source}; pass the weights it was trained with")
+    detector = build_detector(config, extractor)
+    detector.weights_source = saved["weights_source"]
+    meta = json.loads(saved["meta"])
+    detector.threshold, detector.threshold_rule, detector.info = meta["threshold"], meta["threshold_rule"], meta["info"]
+    try:
+        detector._restore(saved["state"], meta)
+    except (KeyError, RuntimeError) as error:
+        raise DetectorError(f"checkpoint {path} does not fit its own settings ({str(error)[:200]}); retrain") from None
+    return detector

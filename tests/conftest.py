@@ -32,3 +32,9 @@ def cifar10_root() -> Path:
 def mvtec_root() -> Path:
     """An MVTec AD folder holding at least the bottle category."""
     return _data_folder("ANOMALY_MVTEC_ROOT", "bottle/train/good")
+
+
+@pytest.fixture
+def magnetic_tile_root() -> Path:
+    """The magnetic tile category folder in MVTec layout (train/good/, test/<defect>/, ground_truth/)."""
+    return _data_folder("ANOMALY_MAGNETIC_TILE_ROOT", "train/good")

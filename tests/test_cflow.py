@@ -11,23 +11,9 @@ import torch
 
 from anomaly_map import AnomalyMapGenerator, reference_from_training
 from config import Config, make_config
-from datasets import ImageList
-from main import (
-    StageFeatures,
-    TrainingError,
-    cflow_table,
-    figure_indices,
-    score_cflow,
-    train_cflow,
-    training_reference,
-)
-from model import (
-    CFlowModel,
-    build_cflow_decoder,
-    cflow_loss,
-    positional_encoding_2d,
-    shuffled_fiber_chunks,
-)
+from model import CFlowDetector, CFlowModel, StageFeatures, build_cflow_decoder, positional_encoding_2d
+from report import cflow_table, figure_indices
+from train import TrainingError, cflow_loss, shuffled_fiber_chunks, train_cflow
 
 OFFICIAL_GCONST = -0.9189385332046727  # ln(1/sqrt(2 pi)), ``_GCONST_`` in the official code
 
@@ -323,40 +309,77 @@ def random_stage_features(count: int, seed: int, config: Config, shift: float = 
     rng = np.random.default_rng(seed)
     arrays = {stage: (rng.normal(size=(count, channels, STAGE_SIZES[stage], STAGE_SIZES[stage])) + shift)
               .astype(np.float16) for stage, channels in STAGE_CHANNELS.items()}
-    images = ImageList.create([f"image{i}" for i in range(count)], [0] * count, loader=None)
-    return StageFeatures(images, config, arrays=arrays)
+    return StageFeatures.from_arrays(arrays, config.device)
+
+
+def trained_detector(config: Config, fit: StageFeatures) -> CFlowDetector:
+    """A detector whose decoders are moved away from their initial values, with its training reference."""
+    detector = CFlowDetector(config)
+    detector.model = perturbed(CFlowModel(STAGE_CHANNELS, condition_dims=8, n_blocks=2), seed=3)
+    detector.reference = detector.training_reference(fit)
+    return detector
 
 
 def test_train_normalised_scores_do_not_depend_on_the_test_batch_size():
-    config = small_config()
-    model = perturbed(CFlowModel(STAGE_CHANNELS, condition_dims=8, n_blocks=2), seed=3)
-    reference = training_reference(model, random_stage_features(5, 0, config), config)
-    test = random_stage_features(7, 1, config, shift=0.5)
-    scores, maps = score_cflow(model, test, small_config(test_batch_size=7), reference)
+    detector = trained_detector(small_config(), random_stage_features(5, 0, small_config()))
+    test = random_stage_features(7, 1, small_config(), shift=0.5)
+    detector.config = small_config(test_batch_size=7)
+    scores, maps = detector.score(test)
     assert scores.shape == (7,) and maps.shape == (7, 16, 16)
     np.testing.assert_allclose(scores, maps.reshape(7, -1).max(axis=1), rtol=1e-6)  # image score = max of map
     for batch_size in (1, 3):
-        other_scores, other_maps = score_cflow(model, test, small_config(test_batch_size=batch_size), reference)
+        detector.config = small_config(test_batch_size=batch_size)
+        other_scores, other_maps = detector.score(test)
         np.testing.assert_allclose(other_scores, scores, rtol=1e-6)
         np.testing.assert_allclose(other_maps, maps, rtol=1e-6)
     # the same comparison does see the dependence of anomalib's per-batch normalisation
-    by_batch = [score_cflow(model, test, small_config(map_norm="batch", test_batch_size=size), None)[0]
-                for size in (1, 7)]
+    by_batch = []
+    for size in (1, 7):
+        detector.config = small_config(map_norm="batch", test_batch_size=size)
+        by_batch.append(detector.score(test)[0])
     assert np.abs(by_batch[0] - by_batch[1]).max() > 1e-3
+
+
+def test_training_reference_is_the_maximum_log_likelihood_of_the_fit_fibers():
+    fit = random_stage_features(5, 0, small_config())
+    detector = trained_detector(small_config(test_batch_size=2), fit)
+    with torch.no_grad():
+        for stage, channels in STAGE_CHANNELS.items():
+            fibers, conditions = detector.model.fibers_of(fit.maps[stage])
+            brute = detector.model.fiber_log_likelihood_per_dim(stage, fibers, conditions).max().item()
+            assert detector.reference[stage] == pytest.approx(brute, rel=1e-5)
 
 
 def test_training_is_seeded_counts_every_fiber_once_per_epoch_and_lowers_the_loss():
     config = small_config(epochs=3)
     train = random_stage_features(5, 2, config, shift=2.0)
     models = [CFlowModel(STAGE_CHANNELS, condition_dims=8, n_blocks=2, seed=config.seed) for _ in range(2)]
-    infos = [train_cflow(model, train, config, "synthetic") for model in models]
+    infos = [train_cflow(model, train, None, config, "synthetic") for model in models]
     first, second = (model.state_dict() for model in models)
     assert all(torch.equal(first[key], second[key]) for key in first)
-    assert infos[0]["train_loss_per_epoch"] == infos[1]["train_loss_per_epoch"]
+    assert infos[0]["curve"] == infos[1]["curve"]
     assert infos[0]["train_fibers_per_epoch"] == 5 * (8 * 8 + 4 * 4)
     assert infos[0]["train_fibers_per_second"] > 0 and infos[0]["seconds_per_epoch"] > 0
-    history = infos[0]["train_loss_per_epoch"]
-    assert all(history[-1][stage] < history[0][stage] for stage in STAGE_CHANNELS)
+    losses = [record["train_loss"] for record in infos[0]["curve"]]
+    assert losses[-1] < losses[0]
+
+
+def test_held_out_nll_picks_the_kept_epoch_and_never_ends_above_the_start():
+    config = small_config(epochs=3, lr=5e-2)  # a learning rate this high makes the held-out NLL erratic
+    fit = random_stage_features(4, 2, config, shift=2.0)
+    held_out = random_stage_features(3, 5, config, shift=-2.0)  # far from the fit images
+    model = CFlowModel(STAGE_CHANNELS, condition_dims=8, n_blocks=2, seed=config.seed)
+    info = train_cflow(model, fit, held_out, config, "synthetic")
+    curve = [record["held_out_nll"] for record in info["curve"]]
+    assert len(curve) == 4 and info["kept_epoch"] == int(np.argmin(curve))
+    assert info["held_out_nll"] == min(curve) <= curve[0]
+    # the kept weights are those of that epoch: measure the held-out NLL again by brute force
+    with torch.no_grad():
+        values = []
+        for stage in STAGE_CHANNELS:
+            fibers, conditions = model.fibers_of(held_out.maps[stage])
+            values.append(-model.fiber_log_likelihood_per_dim(stage, fibers, conditions).double().mean().item())
+    assert np.mean(values) == pytest.approx(info["held_out_nll"], rel=1e-5)
 
 
 def test_non_finite_features_stop_training_with_a_training_error():
@@ -365,7 +388,7 @@ def test_non_finite_features_stop_training_with_a_training_error():
     train.maps["blocks.4"][1, 0, 0, 0] = float("inf")
     model = CFlowModel(STAGE_CHANNELS, condition_dims=8, n_blocks=2)
     with pytest.raises(TrainingError, match="lower --lr"):
-        train_cflow(model, train, config, "synthetic")
+        train_cflow(model, train, None, config, "synthetic")
 
 
 def test_figure_draws_defective_and_good_images_evenly_spaced():

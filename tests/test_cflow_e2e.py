@@ -8,6 +8,7 @@ Run from the repository root:
     ANOMALY_MVTEC_ROOT=/path/to/mvtec_ad python -m pytest tests/test_cflow_e2e.py -q
 """
 
+import csv
 import dataclasses
 import json
 import os
@@ -15,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
+import predict
 from config import make_config
-from main import run
+from main import results_folder, run
+from report import read_scores_csv
 
 ROOT = os.environ.get("ANOMALY_MVTEC_ROOT", "")
 
@@ -27,19 +30,20 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_bottle_trains_scores_localises_and_rescores_from_its_checkpoint(tmp_path):
-    config = make_config("cflow_lite0", data_root=ROOT, classes="bottle", img_size=128, epochs=3, fiber_batch=256,
-                         lr=2e-3, n_figure_images=4, cache_dir=str(tmp_path / "cache"),
+    config = make_config("cflow_lite0", data_root=ROOT, classes="bottle", img_size=128, epochs=3,
+                         lr=1e-3, n_figure_images=4, cache_dir=str(tmp_path / "cache"),
                          results_dir=str(tmp_path / "results"))
     payload = run(config)
     metrics = payload["per_class"]["bottle"]
     assert metrics["image_auroc"] >= 0.97  # measured 0.994
     assert metrics["pixel_auroc"] >= 0.95  # measured 0.968
     assert 0.5 < metrics["aupro"] <= 1.0 and 0.5 < metrics["image_f1"] <= 1.0
-    assert metrics["n_train"] == 209 and metrics["n_test"] == 83
-    assert metrics["train_fibers_per_epoch"] == 209 * (16 * 16 + 8 * 8 + 4 * 4)
-    assert metrics["train_fibers_per_second"] > 0
+    assert (metrics["n_fit"], metrics["n_held_out"], metrics["n_test"]) == (188, 21, 83)  # 209 training images
+    assert metrics["train_fibers_per_epoch"] == 188 * (16 * 16 + 8 * 8 + 4 * 4)
+    assert metrics["train_fibers_per_second"] > 0 and 0 <= metrics["kept_epoch"] <= 3
 
-    folder = tmp_path / "results" / "mvtec-tf_efficientnet_lite0-cflow"
+    folder = results_folder(config)
+    assert folder.name.startswith("mvtec-") and folder.name.endswith("-tf_efficientnet_lite0-cflow")
     saved = json.loads((folder / "results.json").read_text())
     assert saved["complete"] and saved["map_normalization"] == "train"
     assert "no epoch, threshold or setting was selected on the test set" in saved["selection"]
@@ -54,14 +58,26 @@ def test_bottle_trains_scores_localises_and_rescores_from_its_checkpoint(tmp_pat
     for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1", "pixel_f1"):
         assert rescored[key] == pytest.approx(metrics[key], abs=1e-9)
 
+    # predict.py on the test images, features computed from the images: the scores of scores.csv
+    out = tmp_path / "predicted"
+    predict.main(["--checkpoint", str(folder / "checkpoints" / "bottle.pt"), "--images",
+                  str(Path(ROOT) / "bottle" / "test"), "--out", str(out)])
+    evaluated, predicted = read_scores_csv(folder / "scores.csv"), read_scores_csv(out / "predictions.csv")
+    assert set(predicted) == set(evaluated) and len(predicted) == 83
+    assert max(abs(predicted[path] - evaluated[path]) for path in predicted) <= 1e-5
+    assert len(list((out / "maps").glob("*.npy"))) == 83 and len(list((out / "overlays").glob("*.png"))) == 83
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    good = [int(row["anomalous"]) for row in rows if "/test/good/" in row["path"]]
+    assert len(good) == 20 and sum(good) <= 2  # threshold from 21 held-out training images, target FPR 0.01
+
 
 def test_features_on_the_fly_with_the_official_test_set_normalisation(tmp_path):
-    config = make_config("cflow_lite0", data_root=ROOT, classes="bottle", img_size=128, epochs=1, fiber_batch=256,
-                         max_train_per_class=24, cache=False, map_norm="test", n_figure_images=0,
+    config = make_config("cflow_lite0", data_root=ROOT, classes="bottle", img_size=128, epochs=1,
+                         lr=1e-3, max_train_per_class=24, cache=False, map_norm="test", n_figure_images=0,
                          cache_dir=str(tmp_path / "cache"), results_dir=str(tmp_path / "results"))
     payload = run(config)
     metrics = payload["per_class"]["bottle"]
-    assert payload["map_normalization"] == "test" and metrics["map_normalization"] == "test"
+    assert payload["map_normalization"] == "test"
     assert metrics["image_auroc"] >= 0.85  # measured 0.957
-    assert metrics["train_fibers_per_epoch"] == 24 * (16 * 16 + 8 * 8 + 4 * 4)
+    assert metrics["train_fibers_per_epoch"] == (24 - 2) * (16 * 16 + 8 * 8 + 4 * 4)  # 2 of 24 held out
     assert not (tmp_path / "cache").exists()

@@ -1,48 +1,176 @@
-"""Config: presets, --field value overrides and their errors."""
+"""Config: resolution order (defaults < method < preset < file < flags), the generated parser and its errors."""
+
+import dataclasses
+import json
+import re
 
 import pytest
 
-from config import PRESETS, Config, ConfigError, make_config, parse_args
+import config as config_module
+from config import (METHOD_DEFAULTS, PRESET_GROUPS, PRESETS, Config, ConfigError, make_config, parse_args)
+
+CFLOW = dict(n_flow_layers=8, clamp=1.9, condition_dims=128, fiber_batch=256, lr=2e-4, beta1=0.9, beta2=0.999,
+             weight_decay=0.0, batch_size=32)
+SANF = dict(n_flow_layers=4, clamp=3.0, hidden=1024, heads=4, lr=5e-5, beta1=0.8, beta2=0.8, weight_decay=1e-5,
+            batch_size=32)
 
 
-def test_defaults_are_the_paper_setting_and_demo_is_the_cli_default():
-    paper = make_config("sanf_cifar10")
-    assert (paper.backbone, paper.img_size, paper.patch_grid) == ("vit_base_patch16_384.orig_in21k_ft_in1k", 384, 8)
-    assert (paper.n_flow_layers, paper.hidden, paper.clamp, paper.lr) == (4, 1024, 3.0, 5e-5)
-    assert (paper.beta1, paper.beta2, paper.weight_decay, paper.batch_size) == (0.8, 0.8, 1e-5, 32)
-    assert paper == Config()
+def values(config: Config, names) -> dict:
+    return {name: getattr(config, name) for name in names}
+
+
+def outside_presets(config: Config) -> dict:
+    """Every field a preset may not set."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(Config)
+            if f.metadata["group"] not in PRESET_GROUPS}
+
+
+def test_method_alone_gives_that_methods_training_values():
+    assert values(parse_args(["--method", "cflow"]), CFLOW) == CFLOW
+    assert values(parse_args(["--method", "sanf"]), SANF) == SANF
+    assert parse_args(["--method", "cflow"]).method == "cflow"
+
+
+def test_field_defaults_are_the_paper_and_demo_is_the_cli_default():
+    assert make_config("sanf_cifar10") == Config()
+    assert values(Config(), METHOD_DEFAULTS["sanf"]) == METHOD_DEFAULTS["sanf"]
     assert parse_args([]) == make_config("demo")
     assert parse_args([]).dataset == "digits"
 
 
-def test_every_preset_is_valid():
-    for name in PRESETS:
-        make_config(name)
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_change_data_and_features_only(preset):
+    config = make_config(preset)
+    expected = {**{f.name: f.default for f in dataclasses.fields(Config)}, **METHOD_DEFAULTS[config.method]}
+    assert outside_presets(config) == {name: expected[name] for name in outside_presets(config)}
+    assert parse_args(["--preset", preset]) == config
+    assert outside_presets(config) == outside_presets(parse_args(["--method", config.method]))
+
+
+def test_a_preset_setting_training_values_is_refused(monkeypatch):
+    monkeypatch.setitem(PRESETS, "bad", dict(dataset="mvtec", lr=1.0))
+    monkeypatch.setitem(config_module.PRESET_NOTES, "bad", "sets lr")
+    with pytest.raises(ConfigError, match="preset bad sets lr"):
+        config_module._check_tables()
+
+
+def test_cflow_preset_with_sanf_method_gets_sanf_training_and_the_presets_features():
+    config = parse_args(["--preset", "cflow_lite0", "--method", "sanf"])
+    assert values(config, SANF) == SANF
+    assert (config.method, config.dataset, config.layers, config.img_size) == (
+        "sanf", "mvtec", "blocks.2,blocks.4,blocks.6", 256)
+
+
+def test_explicit_flags_beat_preset_and_method_defaults():
+    config = parse_args(["--preset", "cflow_lite0", "--img_size", "128", "--lr=1e-3", "--n_flow_layers", "2"])
+    assert (config.img_size, config.lr, config.n_flow_layers, config.clamp) == (128, 1e-3, 2, 1.9)
+    assert make_config("cflow_lite0", img_size=128, lr=1e-3, n_flow_layers=2) == config
 
 
 def test_overrides_are_typed():
-    config = parse_args(["--preset", "sanf_cifar10", "--epochs", "3", "--lr=0.01", "--download", "true",
-                         "--fusion", "none", "--classes", "cat,dog"])
-    assert (config.epochs, config.lr, config.download, config.fusion) == (3, 0.01, True, "none")
-    assert config.class_list() == ["cat", "dog"]
+    config = parse_args(["--preset", "sanf_cifar10", "--epochs", "3", "--download", "--fusion", "none",
+                         "--classes", "cat,dog", "--val_fraction", "0"])
+    assert (config.epochs, config.download, config.fusion, config.val_fraction) == (3, True, "none", 0.0)
+    assert type(config.val_fraction) is float and config.class_list() == ["cat", "dog"]
     assert parse_args(["--classes", "all"]).class_list() is None
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--epoch", "3"], "valid fields: method"),
-    (["--epochs", "three"], "expects int"),
-    (["--fusion", "maybe"], "not one of: caff, none"),
-    (["--preset", "nope"], "valid presets: demo"),
-    (["--lr", "-1"], "must be >= 0"),
-    (["--epochs"], "needs a value"),
-    (["epochs", "3"], "expected --field value"),
-    (["--download", "perhaps"], "expects bool"),
+def test_boolean_flags():
+    assert parse_args([]).cache is True and parse_args(["--no-cache"]).cache is False
+    assert parse_args(["--no-cache", "--cache"]).cache is True
+    config = parse_args(["--eval_only", "--refresh_cache", "--save_maps", "--permute_soft"])
+    assert (config.eval_only, config.refresh_cache, config.save_maps, config.permute_soft) == (True,) * 4
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--cache", "false"])
+    assert exit_info.value.code == 2
+
+
+def help_text(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([*argv, "--help"], prog="main.py")
+    assert exit_info.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def default_in_help(text: str, name: str) -> str:
+    return re.search(rf"--{name} \S+ .*?\(default: (\S*)\)", text).group(1)
+
+
+def test_help_shows_the_defaults_in_force_and_the_groups(capsys):
+    cflow = help_text(["--method", "cflow"], capsys)
+    assert cflow.startswith("usage: main.py")
+    assert (default_in_help(cflow, "fiber_batch"), default_in_help(cflow, "n_flow_layers")) == ("256", "8")
+    assert default_in_help(cflow, "lr") == "0.0002"
+    for title in config_module.GROUPS.values():
+        assert f"{title}:" in cflow
+    sanf = help_text([], capsys)
+    assert (default_in_help(sanf, "n_flow_layers"), default_in_help(sanf, "dataset")) == ("4", "digits")
+    assert "--cache, --no-cache" in sanf
+    assert default_in_help(help_text(["--preset", "cflow_mvtec"], capsys), "backbone") == "wide_resnet50_2.tv_in1k"
+
+
+def test_config_file_round_trip(tmp_path):
+    saved = make_config("cflow_lite0", epochs=3)
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"config": saved.to_dict(), "per_class": {}}))
+    assert parse_args(["--config", str(path)]) == saved
+    assert parse_args(["--config", str(path), "--epochs", "5"]) == dataclasses.replace(saved, epochs=5)
+    bare = tmp_path / "config.json"
+    bare.write_text(json.dumps({"method": "cflow", "clamp": 2}))
+    assert (parse_args(["--config", str(bare)]).clamp, parse_args(["--config", str(bare)]).lr) == (2.0, 2e-4)
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"config": {"epochs": 3, "epoch": 4}}, "unknown field.s. epoch; valid fields: method"),
+    ({"epochs": "three"}, "epochs must be int"),
+    ([1, 2], "holds no JSON object"),
 ])
-def test_bad_arguments_name_the_valid_ones(argv, message):
+def test_bad_config_files_are_refused(content, message, tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ConfigError, match=message):
+        parse_args(["--config", str(path)])
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.json"):
+        parse_args(["--config", str(tmp_path / "nope.json")])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "-1"], "lr must be >= 0"),
+    (["--val_fraction", "0.7"], r"val_fraction must lie in \[0, 0.5\]"),
+    (["--threshold_fpr", "0"], r"threshold_fpr must lie in \(0, 1\)"),
+    (["--threshold_fpr", "1"], r"threshold_fpr must lie in \(0, 1\)"),
+    (["--condition_dims", "130"], "multiple of 4"),
+    (["--method", "cflow", "--layers", ""], "needs --layers"),
+])
+def test_bad_values_are_refused(argv, message):
     with pytest.raises(ConfigError, match=message):
         parse_args(argv)
 
 
+@pytest.mark.parametrize("argv", [
+    ["--epoch", "3"], ["--epochs", "three"], ["--fusion", "maybe"], ["--preset", "nope"], ["--method", "svm"],
+    ["--epochs"], ["epochs", "3"], ["--config"],
+])
+def test_argparse_errors_exit_2_with_usage_and_one_error_line(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv, prog="main.py")
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("usage: main.py") and lines[-1].startswith("main.py: error:")
+
+
+def test_make_config_names_the_valid_presets_and_fields():
+    with pytest.raises(ConfigError, match="valid presets: demo"):
+        make_config("nope")
+    with pytest.raises(ConfigError, match="unknown field.s. epoch; valid fields: method"):
+        make_config(epoch=3)
+    with pytest.raises(ConfigError, match="valid methods: sanf"):
+        make_config(method="svm")
+
+
 def test_config_is_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         make_config().epochs = 3  # type: ignore[misc]

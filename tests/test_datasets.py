@@ -1,5 +1,7 @@
 """Datasets and protocols: counts, labels, subsets, folder layouts and their errors."""
 
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -7,12 +9,22 @@ import pytest
 from PIL import Image
 
 from config import make_config
-from datasets import DataError, MVTEC_CATEGORIES, load_mask, load_tasks
+from datasets import (DataError, ImageList, dataset_identity, held_out_split, image_list_from_files,
+                      list_image_files, load_mask, load_tasks, mvtec_tasks)
 
 
 def write_image(path: Path, value: int = 128, mode: str = "RGB", size: int = 16) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new(mode, (size, size), value if mode == "L" else (value,) * len(mode)).save(path)
+
+
+def write_category(root: Path, masks: bool = True) -> None:
+    """A minimal MVTec-layout category: one good training image, one good and one defective test image."""
+    write_image(root / "train" / "good" / "000.png")
+    write_image(root / "test" / "good" / "000.png")
+    write_image(root / "test" / "crack" / "000.png", value=200)
+    if masks:
+        write_image(root / "ground_truth" / "crack" / "000_mask.png", value=255, mode="L")
 
 
 def test_digits_protocol_counts():
@@ -98,7 +110,7 @@ def test_defective_image_without_mask_is_named(tmp_path):
     (dict(dataset="cifar10", data_root=""), "needs --data_root"),
     (dict(classes="eleven"), "unknown class eleven"),
     (dict(dataset="mvtec", data_root="/tmp", classes="bottle"), "not found under"),
-    (dict(dataset="mvtec", data_root="/tmp", classes="bottel"), "valid: " + ", ".join(MVTEC_CATEGORIES[:2])),
+    (dict(dataset="mvtec", data_root="/tmp", classes="bottel"), "bottel.*categories present under"),
 ])
 def test_bad_data_requests_explain_the_fix(overrides, message, monkeypatch):
     monkeypatch.delenv("ANOMALY_DATA_ROOT", raising=False)
@@ -121,3 +133,116 @@ def test_cifar10_real_copy_counts(cifar10_root):
     assert [t.name for t in tasks][:3] == ["airplane", "automobile", "bird"]
     assert all(len(t.train) == 5000 for t in tasks)
     assert len(tasks[0].test) == 10000 and int(tasks[0].test_labels.sum()) == 9000
+
+
+def test_unknown_but_well_formed_mvtec_category_is_read_with_a_note(tmp_path, capsys):
+    write_category(tmp_path / "tire")
+    tasks = load_tasks(make_config("demo", dataset="mvtec", data_root=str(tmp_path), classes="tire"))
+    assert [t.name for t in tasks] == ["tire"] and tasks[0].test_labels.tolist() == [1, 0]
+    assert capsys.readouterr().out.strip() == ("note: 'tire' is not one of MVTec AD's 15 categories; "
+                                               "read as an MVTec-layout folder")
+    write_category(tmp_path / "bottle")
+    mvtec_tasks(tmp_path, ["bottle"])
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("name", ["tire", "../tire", "nothing"])
+def test_malformed_mvtec_category_names_its_folder_and_the_present_ones(tmp_path, name):
+    write_image(tmp_path / "tire" / "test" / "crack" / "000.png")  # no train/good
+    write_category(tmp_path / "bottle")
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / name)) + ".*categories present under .*: bottle"):
+        mvtec_tasks(tmp_path, [name])
+
+
+def test_mvtec_defect_images_still_need_masks(tmp_path):
+    write_category(tmp_path / "tire", masks=False)
+    with pytest.raises(DataError, match="no mask"):
+        mvtec_tasks(tmp_path, ["tire"])
+    task = load_tasks(make_config("demo", dataset="folder", data_root=str(tmp_path / "tire")))[0]
+    assert task.test_masks is None  # the folder dataset reads unmasked defects
+
+
+def test_all_mvtec_categories_are_the_folders_with_train_good(tmp_path):
+    for name in ("zeta", "bottle", "alpha"):
+        write_category(tmp_path / name)
+    write_image(tmp_path / "broken" / "test" / "good" / "000.png")
+    (tmp_path / "empty").mkdir()
+    tasks = load_tasks(make_config("demo", dataset="mvtec", data_root=str(tmp_path), classes="all"))
+    assert [t.name for t in tasks] == ["alpha", "bottle", "zeta"]
+    with pytest.raises(DataError, match="no category folder with train/good"):
+        mvtec_tasks(tmp_path / "empty", None)
+
+
+def test_dataset_identity_tells_folders_apart_and_ignores_how_the_path_is_written(tmp_path, monkeypatch):
+    for name in ("bottle", "tile tire"):
+        write_category(tmp_path / name)
+    bottle = dataset_identity(make_config("demo", dataset="folder", data_root=str(tmp_path / "bottle")))
+    tire = dataset_identity(make_config("demo", dataset="folder", data_root=str(tmp_path / "tile tire")))
+    assert bottle != tire and bottle.startswith("folder-bottle-") and tire.startswith("folder-tile_tire-")
+    assert all(c.isalnum() or c in "._-" for c in bottle + tire)
+    monkeypatch.chdir(tmp_path)
+    for relative in ("bottle", "./bottle/", "tile tire/../bottle"):
+        assert dataset_identity(make_config("demo", dataset="folder", data_root=relative)) == bottle
+    monkeypatch.chdir(tmp_path / "bottle")
+    assert dataset_identity(make_config("demo", dataset="folder", data_root=".")) == bottle
+    assert dataset_identity(make_config("demo", dataset="mvtec", data_root=".")) != bottle
+    assert dataset_identity(make_config("demo")) == "digits"
+
+
+def test_source_is_the_resolved_file_path_or_the_array_id(tmp_path, monkeypatch):
+    write_category(tmp_path / "bottle")
+    monkeypatch.chdir(tmp_path)
+    task = load_tasks(make_config("demo", dataset="folder", data_root="bottle"))[0]
+    subset = task.test.subset(np.array([1]))
+    assert subset.source(0) == str((tmp_path / "bottle" / "test" / "good" / "000.png").resolve())
+    assert os.path.isabs(task.train.source(0))
+    digits = load_tasks(make_config("demo", classes="3"))[0]
+    assert digits.train.source(2) == digits.train.ids[2] and digits.train.source(2).startswith("digits/")
+
+
+def test_held_out_split_is_seeded_disjoint_and_bounded():
+    fit, held = held_out_split(50, 0.2, seed=3)
+    assert len(held) == 10 and len(fit) == 40
+    assert np.array_equal(np.sort(np.concatenate([fit, held])), np.arange(50))
+    assert np.all(np.diff(fit) > 0) and np.all(np.diff(held) > 0)
+    again = held_out_split(50, 0.2, seed=3)
+    assert np.array_equal(again[0], fit) and np.array_equal(again[1], held)
+    assert not np.array_equal(held_out_split(50, 0.2, seed=4)[1], held)
+    assert len(held_out_split(50, 0.001, seed=0)[1]) == 1  # at least one held out
+    assert len(held_out_split(2, 0.99, seed=0)[0]) == 1  # at least one kept for the fit
+    assert len(held_out_split(1, 0.5, seed=0)[1]) == 0
+    fit, held = held_out_split(7, 0.0, seed=0)
+    assert np.array_equal(fit, np.arange(7)) and held.dtype == np.int64 and len(held) == 0
+    with pytest.raises(ValueError):
+        held_out_split(10, 1.5, seed=0)
+
+
+def test_list_image_files_for_a_folder_a_glob_and_no_match(tmp_path):
+    for name in ("b.png", "a.JPG", "sub/c.png", "sub/deeper/d.bmp"):
+        write_image(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "folder.png").mkdir()
+    everything = list_image_files(str(tmp_path))
+    assert [p.relative_to(tmp_path).as_posix() for p in everything] == ["a.JPG", "b.png", "sub/c.png",
+                                                                          "sub/deeper/d.bmp"]
+    assert [p.name for p in list_image_files(str(tmp_path / "*.png"))] == ["b.png"]
+    assert [p.name for p in list_image_files(str(tmp_path / "**" / "*.png"))] == ["b.png", "c.png"]
+    with pytest.raises(DataError, match="nothing-\\*"):
+        list_image_files(str(tmp_path / "nothing-*"))
+    images = image_list_from_files(everything)
+    assert isinstance(images, ImageList) and images.targets.tolist() == [0, 0, 0, 0]
+    assert images.ids[0] == str((tmp_path / "a.JPG").resolve()) == images.source(0)
+    assert images.load(3).mode == "RGB"
+
+
+def test_magnetic_tile_real_copy(magnetic_tile_root, capsys):
+    root = magnetic_tile_root.resolve()
+    task = mvtec_tasks(root.parent, [root.name])[0]
+    assert "is not one of MVTec AD's 15 categories" in capsys.readouterr().out
+    assert len(task.train) == 752 and len(task.test) == 592 and int(task.test_labels.sum()) == 392
+    assert all((m is None) == (label == 0) for m, label in zip(task.test_masks, task.test_labels))
+    assert task.test.source(0).startswith(str(root)) and os.path.isfile(task.test.source(0))
+    folder = load_tasks(make_config("demo", dataset="folder", data_root=str(magnetic_tile_root)))[0]
+    assert folder.test.ids == task.test.ids
+    assert dataset_identity(make_config("demo", dataset="folder", data_root=str(magnetic_tile_root))).startswith(
+        "folder-magnetic_tile-")

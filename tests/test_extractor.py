@@ -53,10 +53,11 @@ def test_traced_graph_matches_the_eager_backbone_for_any_batch(demo_extractor):
     for name, reference in zip(demo_extractor.names, eager):
         assert traced[name].shape == reference.shape
         assert torch.allclose(traced[name], reference, atol=1e-3, rtol=1e-3)
-    single = demo_extractor(images[:1])
-    assert torch.allclose(single["sem"], traced["sem"][:1], atol=1e-4)
+    single = demo_extractor(images[:1])  # features are float16 values: equal up to one float16 step (2^-10)
+    assert torch.allclose(single["sem"], traced["sem"][:1], atol=1e-4, rtol=2e-3)
     assert traced["sem"].shape == (5, 1280) and traced["patches"].shape == (5, 4, 1280)
-    assert torch.allclose(traced["patches"].mean(dim=1), traced["sem"], atol=1e-4)  # grid pools the same map
+    assert torch.allclose(traced["patches"].mean(dim=1), traced["sem"], atol=1e-4, rtol=2e-3)  # same map pooled
+    assert torch.equal(traced["sem"], traced["sem"].half().float())
 
 
 def test_cache_round_trip_is_float16_and_shared(tmp_path, demo_extractor):

@@ -10,8 +10,9 @@ import torch
 from sklearn.covariance import LedoitWolf
 
 from config import make_config
-from main import TrainingError, as_tensors, normalise_tokens, run, train_sanf
-from model import SANFModel
+from main import run
+from model import GaussianDetector, SANFDetector, SANFModel, normalise_tokens
+from train import TrainingError, keep_best_epoch, train_sanf
 
 ROOT = __import__("conftest").ROOT
 
@@ -37,15 +38,16 @@ def test_token_normalisations_by_hand():
 
 
 def test_normalised_features_make_the_baselines_blind_to_image_contrast():
-    from baselines import GaussianScorer
-
-    config = make_config("demo", token_norm="l2")
     rng = np.random.default_rng(0)
-    train = as_tensors({"sem": rng.random((200, 8), dtype=np.float32)}, config)["sem"]
-    test = rng.random((5, 8), dtype=np.float32)
-    scorer = GaussianScorer(0.0).fit(train)
-    scores = scorer.score(as_tensors({"sem": test}, config)["sem"])
-    assert torch.allclose(scorer.score(as_tensors({"sem": 7.0 * test}, config)["sem"]), scores)
+    train = {"sem": torch.from_numpy(rng.random((200, 8), dtype=np.float32))}
+    test = torch.from_numpy(rng.random((5, 8), dtype=np.float32))
+    scores = {}
+    for norm in ("l2", "none"):
+        detector = GaussianDetector(make_config("demo", method="gaussian", token_norm=norm))
+        detector.fit(train, None, "toy")
+        scores[norm] = detector.score({"sem": test})[0], detector.score({"sem": 7.0 * test})[0]
+    np.testing.assert_allclose(scores["l2"][0], scores["l2"][1], rtol=1e-6)
+    assert not np.allclose(scores["none"][0], scores["none"][1])  # the same check does see raw contrast
 
 
 @pytest.mark.parametrize("token_dim", [0, 8])
@@ -80,9 +82,10 @@ def test_training_lowers_the_nll_and_fusion_reads_the_patches():
     model = SANFModel(16, 3, n_layers=2, hidden=8, heads=2)
     model.fit_preprocessing(features["sem"])
     before = model.nll_per_dim(features["sem"], features["patches"]).mean().item()
-    info = train_sanf(model, features, config, "toy")
+    info = train_sanf(model, features, None, config, "toy")
     after = model.nll_per_dim(features["sem"], features["patches"]).mean().item()
-    assert after < before and info["final_train_nll_per_dim"] == pytest.approx(after, abs=0.05)
+    assert after < before and info["curve"][-1]["train_loss"] == pytest.approx(after, abs=0.05)
+    assert info["kept_epoch"] == 5 and len(info["curve"]) == 5  # no held-out images: the last epoch, as the paper
     shuffled = features["patches"][torch.randperm(400)]
     with torch.no_grad():
         assert not torch.allclose(model.nll_per_dim(features["sem"], features["patches"]),
@@ -96,10 +99,32 @@ def test_non_finite_features_and_loss_stop_training(monkeypatch):
     model = SANFModel(16, 3, n_layers=2, hidden=8, heads=2)
     monkeypatch.setattr(model, "nll_per_dim", lambda sem, _: torch.full((len(sem),), float("nan")))
     with pytest.raises(TrainingError, match="non-finite loss at epoch 1, batch 1 of 'toy'.*lower --lr"):
-        train_sanf(model, features, config, "toy")
+        train_sanf(model, features, None, config, "toy")
     features["sem"][3, 0] = float("inf")
-    with pytest.raises(TrainingError, match="non-finite training features.*refresh_cache"):
-        train_sanf(model, features, config, "toy")
+    with pytest.raises(TrainingError, match="non-finite features.*refresh_cache"):
+        SANFDetector(config).fit(features, None, "toy")
+
+
+class _Weight(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.value = torch.nn.Parameter(torch.zeros(1))
+
+
+@pytest.mark.parametrize("held_out_curve, kept", [([1.0, 1.5, 2.0, 3.0], 0), ([1.0, 0.9, 0.7, 0.8], 2),
+                                                  ([1.0, 0.5, float("nan"), 0.5], 1)])
+def test_the_epoch_with_the_lowest_held_out_nll_is_kept_epoch_0_included(held_out_curve, kept):
+    module = _Weight()
+    measured = iter(held_out_curve)
+
+    def run_epoch(epoch: int) -> float:
+        module.value.data.fill_(float(epoch))  # the weights after epoch e hold e
+        return 0.0
+
+    result = keep_best_epoch(module, 3, run_epoch, lambda: next(measured), "toy")
+    assert result["kept_epoch"] == kept and module.value.item() == kept
+    assert [r["epoch"] for r in result["curve"]] == [0, 1, 2, 3]
+    assert result["held_out_nll"] == held_out_curve[kept]
 
 
 def test_demo_end_to_end_writes_results_and_rescores_from_checkpoints(tmp_path):
@@ -115,9 +140,19 @@ def test_demo_end_to_end_writes_results_and_rescores_from_checkpoints(tmp_path):
     table = (folder / "results.md").read_text()
     assert table.splitlines()[0] == "| method | 0 | 1 | 7 | mean |"
     assert all((folder / "figures" / f"scores_{name}.png").stat().st_size > 1000 for name in ("0", "1", "7"))
+    rows = (folder / "scores.csv").read_text().splitlines()
+    assert rows[0] == "task,path,label,score" and len(rows) == 1 + 3 * 899
+    assert all(0 <= m["kept_epoch"] <= 2 and m["n_held_out"] == 4 for m in stored["per_class"].values())
     rescored = run(make_config("demo", eval_only=True, **overrides))
     for name in ("0", "1", "7"):
         assert rescored["per_class"][name]["image_auroc"] == payload["per_class"][name]["image_auroc"]
+    # a score-affecting setting other than the checkpoint's: one line naming it, rc 2
+    for flag, value in (("--token_norm", "l2"), ("--patch_grid", "3")):
+        result = cli("--eval_only", "--classes", "0,1,7", "--max_train_per_class", "40", "--epochs", "2",
+                     flag, value, "--cache_dir", str(tmp_path / "cache"), "--results_dir", str(tmp_path / "results"),
+                     cwd=tmp_path)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip().count("\n") == 0 and f"{flag[2:]} (checkpoint" in result.stderr
 
 
 def cli(*argv: str, cwd) -> subprocess.CompletedProcess:
@@ -128,7 +163,6 @@ def cli(*argv: str, cwd) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("argv, message", [
     (["--dataset", "cifar10", "--data_root", "/nonexistent/cifar"], "does not exist"),
     (["--classes", "eleven"], "unknown class eleven"),
-    (["--dataset", "imagenet"], "not one of"),
     (["--weights", "/nonexistent/w.pth"], "does not exist"),
 ])
 def test_bad_input_ends_with_one_line_and_no_files(argv, message, tmp_path):
@@ -137,6 +171,12 @@ def test_bad_input_ends_with_one_line_and_no_files(argv, message, tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and message in result.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_a_bad_choice_is_an_argparse_error(tmp_path):
+    result = cli("--dataset", "imagenet", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "invalid choice: 'imagenet'" in result.stderr and not (tmp_path / "results").exists()
 
 
 def test_corrupt_image_ends_with_one_line_naming_it_and_no_trusted_cache(tmp_path):

@@ -1,0 +1,111 @@
+"""Score new images with a trained detector.
+
+    python predict.py --checkpoint results/<run>/checkpoints/bottle.pt --images DIR_OR_GLOB --out OUT
+
+Writes ``OUT/predictions.csv`` (``path,score,anomalous``: ``anomalous`` is 1 when the score is above
+the threshold stored in the checkpoint, which was set on held-out normal *training* images) and, for
+a CFLOW detector, ``OUT/maps/<name>.npy`` (float16, img_size x img_size) and ``OUT/overlays/<name>.png``
+per image. The checkpoint is read with ``torch.load(weights_only=True)``: no pickled code runs. The
+backbone comes from its recorded weights (``--weights FILE`` where that file lives elsewhere now; its
+hash must match).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from config import ConfigError
+from datasets import DataError, image_list_from_files, list_image_files
+from extractor import CacheError, WeightsError, image_batches
+from model import Detector, DetectorError, load_detector
+from report import save_overlay
+from utils import atomic_write_bytes, configure_torch, run_cli
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="predict.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="detector file written by main.py (checkpoints/<task>.pt)")
+    parser.add_argument("--images", required=True, help="a folder (searched recursively) or a glob pattern")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument("--batch_size", type=int, default=32, help="images per forward pass (default: 32)")
+    parser.add_argument("--weights", default=None,
+                        help="backbone weights file, where the one the detector was trained with has moved")
+    parser.add_argument("--no-overlays", dest="overlays", action="store_false", help="skip the overlay PNGs")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch_size must be >= 1")
+    return args
+
+
+def output_names(paths: list[str]) -> list[str]:
+    """Unique file names for per-image outputs: the path below the images' common folder, '/' → '__'."""
+    common = os.path.commonpath([os.path.dirname(p) for p in paths])
+    return [os.path.splitext(os.path.relpath(p, common))[0].replace(os.sep, "__") for p in paths]
+
+
+def predict(detector: Detector, images: list[str], out: Path, batch_size: int, overlays: bool) -> dict[str, float]:
+    """Score ``images``; write predictions.csv and, for maps, .npy and overlays. Returns counts and throughput."""
+    image_list = image_list_from_files([Path(p) for p in images])
+    config = detector.config
+    names = output_names(list(image_list.ids))
+    rows, started, position, flagged = [], time.perf_counter(), 0, 0
+    batches = image_batches(image_list, config, batch_size=batch_size)
+    for batch in tqdm(batches, total=math.ceil(len(image_list) / batch_size), desc="predict", unit="batch"):
+        scores, maps = detector.score_images(batch)
+        for offset, score in enumerate(scores):
+            index = position + offset
+            anomalous = int(detector.flagged(score))
+            flagged += anomalous
+            rows.append(f"{_csv(image_list.ids[index])},{float(score)!r},{anomalous}")
+            if maps is not None:
+                _write_map(out, names[index], maps[offset], batch[offset], float(score), detector, overlays)
+        position += len(scores)
+    seconds = time.perf_counter() - started
+    atomic_write_bytes(out / "predictions.csv", ("\n".join(["path,score,anomalous", *rows]) + "\n").encode())
+    return {"images": len(rows), "flagged": flagged, "seconds": seconds,
+            "images_per_second": len(rows) / max(seconds, 1e-9)}
+
+
+def _write_map(out: Path, name: str, anomaly_map: np.ndarray, image: torch.Tensor, score: float, detector: Detector,
+               overlay: bool) -> None:
+    (out / "maps").mkdir(parents=True, exist_ok=True)
+    np.save(out / "maps" / f"{name}.npy", anomaly_map.astype(np.float16))
+    if overlay:
+        verdict = "anomalous" if score > detector.threshold else "normal"
+        # one colour scale for every image, the image-score threshold at its middle
+        save_overlay(image.permute(1, 2, 0).numpy(), anomaly_map, 0.0, 2 * detector.threshold,
+                     f"{name}\nscore {score:.3f} (threshold {detector.threshold:.3f}): {verdict}",
+                     out / "overlays" / f"{name}.png")
+
+
+def _csv(text: str) -> str:
+    return f'"{text}"' if "," in text else text
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    run_settings = {"device": args.device, "test_batch_size": args.batch_size}
+    if args.weights:
+        run_settings["weights"] = args.weights
+    detector = load_detector(args.checkpoint, **run_settings)
+    configure_torch(detector.config)
+    images = [str(p) for p in list_image_files(args.images)]
+    print(f"{detector.method} detector {args.checkpoint}: {len(images)} images; threshold {detector.threshold:.6g} "
+          f"({detector.threshold_rule})")
+    figures = predict(detector, images, Path(args.out), args.batch_size, args.overlays)
+    print(f"{figures['flagged']} of {figures['images']} images above the threshold; {figures['images_per_second']:.1f} images/s; "
+          f"{Path(args.out) / 'predictions.csv'}")
+
+
+if __name__ == "__main__":
+    run_cli(main, (ConfigError, DataError, WeightsError, CacheError, DetectorError))
