@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import Config, ConfigError, describe, parse_args  # noqa: E402
 from datasets import DataError  # noqa: E402
 from extractor import CacheError, WeightsError, cache_folder, extract_all, folder_bytes  # noqa: E402
-from main import TrainingError, method_label, run  # noqa: E402
+from main import run  # noqa: E402
+from report import method_label  # noqa: E402
+from train import TrainingError  # noqa: E402
 from utils import atomic_write_bytes, configure_torch, run_cli  # noqa: E402
 
 METHODS: tuple[dict[str, str], ...] = ({"method": "sanf", "fusion": "caff"}, {"method": "sanf", "fusion": "none"},
@@ -68,8 +70,8 @@ def main() -> None:
     rows = method_rows(base)
     total = time.perf_counter() - started
     first = rows[0][1]["per_class"][next(iter(rows[0][1]["per_class"]))]
-    header = (f"{base.dataset} one-class protocol ({first['n_train']} training images per class, {first['n_test']} "
-              f"test images), {base.backbone} at {base.img_size} px, patch grid {base.patch_grid}; SANF: "
+    header = (f"{base.dataset} one-class protocol ({first['n_fit']} training images per class fitted, {first['n_held_out']} "
+              f"held out for every method, {first['n_test']} test images), {base.backbone} at {base.img_size} px, patch grid {base.patch_grid}; SANF: "
               f"{base.n_flow_layers} flow layers, hidden {base.hidden}, {base.epochs} epochs, batch {base.batch_size}, "
               f"lr {base.lr:g}, weight decay {base.weight_decay:g}, score {base.score}; kNN k={base.knn_k}; "
               f"token_norm {base.token_norm} for every method. {torch.get_num_threads()} CPU threads.")

@@ -29,17 +29,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import Config, parse_args  # noqa: E402
 from datasets import load_tasks  # noqa: E402
 from extractor import FeatureExtractor, cached_features  # noqa: E402
-from main import as_tensors, build_sanf, run_baseline, score_sanf, train_sanf  # noqa: E402
+from datasets import held_out_split  # noqa: E402
 from metrics import image_auroc  # noqa: E402
+from model import build_detector  # noqa: E402
 
 
 def fit_and_score(config: Config, train: dict[str, torch.Tensor], test: dict[str, torch.Tensor]) -> np.ndarray:
-    """Anomaly scores of ``test`` from the method of ``config`` fitted on ``train`` (no files written)."""
-    if config.method == "sanf":
-        model = build_sanf(config, train["sem"].shape[1], train["patches"].shape[1]).to(config.device)
-        train_sanf(model, train, config, "validation")
-        return score_sanf(model, test, config).cpu().numpy()
-    return run_baseline(config, None, train, test, None)[0]
+    """Anomaly scores of ``test`` from the detector of ``config`` fitted on ``train`` as main.py fits it
+    (``val_fraction`` of ``train`` held out to pick the epoch); no files written."""
+    fit_index, held_index = held_out_split(len(train["sem"]), config.val_fraction, config.seed)
+    detector = build_detector(config)
+    held = {k: v[held_index] for k, v in train.items()} if len(held_index) else None
+    detector.fit({k: v[fit_index] for k, v in train.items()}, held, "validation")
+    return detector.score(test)[0]
 
 
 def validation_auroc(config: Config, features: dict[str, dict[str, torch.Tensor]], fit_fraction: float,
@@ -85,7 +87,8 @@ def main() -> None:
     for overrides in ast.literal_eval(grid_text):
         config = Config(**{**base.to_dict(), **overrides})
         started = time.perf_counter()
-        features = {name: as_tensors(arrays, config) for name, arrays in raw.items()}
+        features = {name: {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}
+                    for name, arrays in raw.items()}
         aurocs = validation_auroc(config, features, 0.5, normal_classes)
         print(f"{overrides}: validation AUROC mean {np.mean(aurocs):.4f} "
               f"({' '.join(f'{a:.3f}' for a in aurocs)}) in {time.perf_counter() - started:.0f} s", flush=True)

@@ -1,0 +1,112 @@
+"""Trained detectors as files: predict.py round trips, checkpoint checks, folder names that do not collide.
+
+The data are scikit-learn's bundled digits written as PNG files into an MVTec-style folder
+(``train/good`` = zeros, ``test/good`` = other zeros, ``test/one`` = ones), so that every path
+through real image files runs offline.
+"""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import predict
+from config import make_config
+from main import results_folder, run
+from model import DetectorError, load_detector
+from report import read_scores_csv
+
+ROOT = __import__("conftest").ROOT
+
+
+def digits_folder(root: Path, n_train: int = 60, n_test: int = 15, defects: bool = True) -> Path:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    pixels = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+    zeros, ones = np.flatnonzero(bunch.target == 0), np.flatnonzero(bunch.target == 1)
+    parts = {"train/good": zeros[:n_train], "test/good": zeros[n_train:n_train + n_test]}
+    if defects:
+        parts["test/one"] = ones[:n_test]
+    for folder, indices in parts.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for index in indices:
+            Image.fromarray(pixels[index]).resize((32, 32), Image.NEAREST).save(root / folder / f"{index}.png")
+    return root
+
+
+def folder_config(data: Path, tmp_path: Path, method: str, **overrides):
+    values = dict(method=method, dataset="folder", data_root=str(data), epochs=2, hidden=64,
+                  cache_dir=str(tmp_path / "cache"), results_dir=str(tmp_path / "results"))
+    return make_config("demo", **{**values, **overrides})
+
+
+@pytest.mark.parametrize("method", ["sanf", "knn", "gaussian"])
+def test_predict_gives_the_scores_of_the_evaluation(method, tmp_path):
+    data = digits_folder(tmp_path / "digits")
+    config = folder_config(data, tmp_path, method)
+    metrics = run(config)["per_class"]["digits"]
+    assert metrics["image_auroc"] > 0.9 and metrics["n_held_out"] == 6  # 10% of 60
+    folder = results_folder(config)
+    checkpoint = folder / "checkpoints" / "digits.pt"
+    saved = torch.load(checkpoint, weights_only=True)  # no pickled code needed to open it
+    assert saved["method"] == method and json.loads(saved["config"])["token_norm"] == "power"
+    out = tmp_path / "predicted"
+    predict.main(["--checkpoint", str(checkpoint), "--images", str(data / "test"), "--out", str(out)])
+    evaluated, predicted = read_scores_csv(folder / "scores.csv"), read_scores_csv(out / "predictions.csv")
+    assert set(predicted) == set(evaluated) and len(predicted) == 30
+    assert max(abs(predicted[path] - evaluated[path]) for path in predicted) <= 1e-5
+    threshold = json.loads((folder / "results.json").read_text())["per_class"]["digits"]["threshold"]
+    for row in csv.DictReader(open(out / "predictions.csv")):
+        assert int(row["anomalous"]) == int(float(row["score"]) > threshold)
+    assert not (out / "maps").exists()  # image-level methods have no maps
+
+
+def test_a_test_split_with_normal_images_only_still_writes_scores(tmp_path):
+    data = digits_folder(tmp_path / "digits", defects=False)
+    payload = run(folder_config(data, tmp_path, "knn"))
+    metrics = payload["per_class"]["digits"]
+    assert "image_auroc" not in metrics and "only normal images" in metrics["note"]
+    assert "n/a" in (results_folder(folder_config(data, tmp_path, "knn")) / "results.md").read_text()
+    rows = (results_folder(folder_config(data, tmp_path, "knn")) / "scores.csv").read_text().splitlines()
+    assert len(rows) == 1 + 15
+
+
+def test_two_folder_datasets_of_one_name_keep_their_own_cache_and_results(tmp_path):
+    first, second = digits_folder(tmp_path / "a" / "data"), digits_folder(tmp_path / "b" / "data", n_train=40)
+    payloads = [run(folder_config(data, tmp_path, "knn")) for data in (first, second)]
+    folders = [results_folder(folder_config(data, tmp_path, "knn")) for data in (first, second)]
+    assert folders[0] != folders[1] and all((f / "results.json").is_file() for f in folders)
+    assert [p["per_class"]["data"]["n_fit"] for p in payloads] == [54, 36]
+    assert json.loads((folders[0] / "results.json").read_text())["per_class"]["data"]["n_fit"] == 54
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2
+
+
+def test_checkpoints_refuse_other_settings_and_foreign_files(tmp_path):
+    data = digits_folder(tmp_path / "digits")
+    config = folder_config(data, tmp_path, "sanf")
+    run(config)
+    checkpoint = results_folder(config) / "checkpoints" / "digits.pt"
+    assert load_detector(checkpoint, config).threshold > 0
+    with pytest.raises(DetectorError, match=r"hidden \(checkpoint 64, asked 32\); clamp \(checkpoint 3.0, asked 2.0\)"):
+        load_detector(checkpoint, folder_config(data, tmp_path, "sanf", hidden=32, clamp=2.0))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(checkpoint.read_bytes()[:1000])
+    for path, message in ((foreign, "not a detector checkpoint"), (corrupt, "cannot read checkpoint"),
+                          (tmp_path / "missing.pt", "no checkpoint")):
+        with pytest.raises(DetectorError, match=message):
+            load_detector(path)
+        result = subprocess.run([sys.executable, str(ROOT / "predict.py"), "--checkpoint", str(path), "--images",
+                                 str(data / "test"), "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip().count("\n") == 0 and message in result.stderr
+    assert not (tmp_path / "out").exists()
