@@ -63,8 +63,13 @@ class Config:
     weights: str = _opt("features", "default", "'default': packaged weights (tf_efficientnet_lite0) or the hub when "
                         "online; a path: local state dict loaded strictly; 'none': random init, explicitly")
     img_size: int = _opt("features", 384, "input resolution (square resize)")
-    patch_grid: int = _opt("features", 8, "SANF: patch tokens average-pooled to patch_grid x patch_grid (public "
+    patch_grid: int = _opt("features", 8, "SANF: texture tokens average-pooled to patch_grid x patch_grid (public "
                            "code 8)")
+    texture_layers: str = _opt("features", "auto", "SANF: where the texture tokens come from. auto: a ViT's final "
+                               "normalised patch tokens (the paper), a CNN's stride-16 stage (a texture-level stage, "
+                               "chosen on training data with bench/validate.py; never the pooled last stage); last: "
+                               "the final feature map (what the semantic token pools); or backbone module names, "
+                               "comma-separated, each pooled to the grid and concatenated along channels")
     layers: str = _opt("features", "blocks.2,blocks.4,blocks.6", "CFLOW: backbone stages (module names, "
                        "comma-separated)")
     token_norm: str = _opt("features", "none", "sanf / knn / gaussian: per-token normalisation of the cached "
@@ -80,9 +85,10 @@ class Config:
     # SANF flow
     fusion: str = _opt("sanf", "caff", "caff: class-attention feature fusion in every coupling; none: MLP-only "
                        "ablation", ("caff", "none"))
-    caff_context: str = _opt("sanf", "half", "half: keys/values from the patch-token channel half that follows the "
-                             "flow's permutation (public code); full: all patch-token channels (paper's Eq. 6-11)",
-                             ("half", "full"))
+    caff_context: str = _opt("sanf", "full", "full: keys/values from all texture-token channels through a context "
+                             "projection, any texture width (paper's Eq. 6-11); half: the texture-token channel half "
+                             "that follows the flow's permutation (public code; texture tokens as wide as the "
+                             "semantic token)", ("full", "half"))
     token_dim: int = _opt("sanf", 0, "channels the flow works on; the tokens are projected on the first token_dim "
                           "principal axes of the normal training tokens (0 = all D channels, as the paper)")
     hidden: int = _opt("sanf", 1024, "hidden width of every coupling subnet (paper 1024)")
@@ -123,6 +129,8 @@ class Config:
                                "training never ends worse on them than it started) and their scores set the decision "
                                "threshold; every method fits on the same remaining images; 0 = the papers' "
                                "fixed-epoch training on all images")
+    patience: int = _opt("training", 2, "with held-out images: stop once this many epochs in a row have not lowered "
+                         "the held-out NLL (the kept weights are the best epoch's either way); 0 = run every epoch")
     threshold_fpr: float = _opt("training", 0.01, "decision threshold = the (1 - threshold_fpr) quantile of the "
                                 "held-out normal images' scores (no test image is used)")
 

@@ -163,19 +163,43 @@ def build_backbone(backbone: str, weights: str) -> tuple[nn.Module, str]:
 # ----------------------------------------------------------------------------- features
 
 
+def texture_layer_names(spec: str, backbone: nn.Module, is_vit: bool, backbone_name: str) -> list[str]:
+    """The modules whose outputs are SANF's texture tokens; [] = the final feature map / final ViT tokens.
+
+    ``auto``: a ViT's final tokens (the paper); for a CNN the stage at stride 16 of timm's
+    ``feature_info`` (EfficientNet-Lite0 ``blocks.4``, ResNets ``layer3``): texture-level features
+    that the semantic token (the pooled last stage) does not already hold.
+    """
+    if spec == "last" or (spec == "auto" and is_vit):
+        return []
+    if spec != "auto":
+        return [name.strip() for name in spec.split(",") if name.strip()]
+    stages = [info["module"] for info in getattr(backbone, "feature_info", []) if info.get("reduction") == 16]
+    if not stages:
+        raise ConfigError(f"backbone {backbone_name} has no stride-16 stage in timm's feature_info; pass "
+                          "--texture_layers with module names (or 'last')")
+    return stages[-1:]
+
+
 class _FeatureHead(nn.Module):
     """Backbone forward → a tuple of feature tensors, in the order of ``names``.
 
-    Stage outputs are captured with forward hooks that live on this module only (no globals).
+    CFLOW (``layers``): the named stages' maps. SANF and the baselines: the semantic token (a ViT's
+    class token, or a CNN's global average of the last stage) and the texture tokens: the maps of
+    ``texture_layers`` (or the final map when empty) average-pooled to ``patch_grid`` x ``patch_grid``
+    and concatenated along channels. Stage outputs are captured with forward hooks that live on this
+    module only (no globals).
     """
 
-    def __init__(self, backbone: nn.Module, is_vit: bool, layers: list[str], patch_grid: int, backbone_name: str):
+    def __init__(self, backbone: nn.Module, is_vit: bool, layers: list[str], patch_grid: int, backbone_name: str,
+                 texture_layers: list[str] | None = None):
         super().__init__()
         self.backbone, self.is_vit, self.layers, self.patch_grid = backbone, is_vit, layers, patch_grid
+        self.texture_layers = list(texture_layers or [])
         self.names = tuple(layers) if layers else ("sem", "patches")
         self._stage_outputs: dict[str, Tensor] = {}
         modules = dict(backbone.named_modules())
-        for name in layers:
+        for name in layers or self.texture_layers:
             if name not in modules:
                 stages = [n for n in modules if n and n.count(".") <= 1][:40]
                 raise ConfigError(f"backbone {backbone_name} has no module {name!r}; e.g.: {', '.join(stages)}")
@@ -187,22 +211,27 @@ class _FeatureHead(nn.Module):
 
         return hook
 
+    def _as_map(self, output: Tensor) -> Tensor:
+        """A stage output as a map (B, C, H, W): CNN maps as they are, ViT tokens without the prefix tokens."""
+        if output.dim() == 4:
+            return output
+        patch_tokens = output[:, getattr(self.backbone, "num_prefix_tokens", 1):]
+        side = int(round(patch_tokens.shape[1] ** 0.5))
+        return patch_tokens.transpose(1, 2).reshape(len(output), -1, side, side)
+
     def forward(self, pixels: Tensor) -> tuple[Tensor, ...]:
+        self._stage_outputs = {}
         if self.layers:
-            self._stage_outputs = {}
             self.backbone.forward_features(pixels)
             return tuple(self._stage_outputs[name] for name in self.layers)
         if self.is_vit:
             tokens = self.backbone.forward_features(pixels)  # final LayerNorm applied
-            prefix = getattr(self.backbone, "num_prefix_tokens", 1)
-            patch_tokens = tokens[:, prefix:]
-            side = int(round(patch_tokens.shape[1] ** 0.5))
-            feature_map = patch_tokens.transpose(1, 2).reshape(len(tokens), -1, side, side)
-            semantic = tokens[:, 0]
+            final_map, semantic = self._as_map(tokens), tokens[:, 0]
         else:
-            feature_map = self.backbone.forward_features(pixels)
-            semantic = feature_map.mean(dim=(2, 3))
-        pooled = F.adaptive_avg_pool2d(feature_map, self.patch_grid)
+            final_map = self.backbone.forward_features(pixels)
+            semantic = final_map.mean(dim=(2, 3))
+        maps = [self._as_map(self._stage_outputs[name]) for name in self.texture_layers] or [final_map]
+        pooled = torch.cat([F.adaptive_avg_pool2d(feature_map, self.patch_grid) for feature_map in maps], dim=1)
         return semantic, pooled.flatten(2).transpose(1, 2)
 
 
@@ -226,7 +255,10 @@ class FeatureExtractor(nn.Module):
         # the backbone's own normalisation (Lite0: mean = std = 0.5; timm ViTs / ResNets: ImageNet)
         self.register_buffer("mean", torch.tensor(data_config["mean"], device=self.device).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(data_config["std"], device=self.device).view(1, 3, 1, 1) * 255)
-        self.head = _FeatureHead(backbone, self.is_vit, self.layers, config.patch_grid, config.backbone)
+        self.texture_layers = [] if self.layers else texture_layer_names(config.texture_layers, backbone, self.is_vit,
+                                                                         config.backbone)
+        self.head = _FeatureHead(backbone, self.is_vit, self.layers, config.patch_grid, config.backbone,
+                                 self.texture_layers)
         self.names = self.head.names
         self.head.to(self.device)
         self.compute = self.head if self.is_vit else self._frozen_graph(config.img_size)
@@ -272,10 +304,15 @@ class _ResizedImages(torch.utils.data.Dataset):
 
 def image_batches(images: ImageList, config: Config, start: int = 0,
                   batch_size: int | None = None) -> Iterator[Tensor]:
-    """uint8 image batches of ``images[start:]`` in order."""
+    """uint8 image batches of ``images[start:]`` in order.
+
+    The loader draws its workers' base seed from a generator of its own, not from torch's global
+    one: whether features come from the cache or are extracted must not change later seeded draws
+    (such as a detector's initial weights)."""
     dataset = torch.utils.data.Subset(_ResizedImages(images, config.img_size), range(start, len(images)))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size or config.extract_batch_size,
-                                         num_workers=config.num_workers, shuffle=False)
+                                         num_workers=config.num_workers, shuffle=False,
+                                         generator=torch.Generator().manual_seed(config.seed))
     yield from loader
 
 
@@ -289,7 +326,7 @@ def cache_folder(config: Config) -> Path:
     if config.method == "cflow":
         what = "+".join(config.layer_list())
     else:
-        what = f"g{config.patch_grid}"
+        what = f"g{config.patch_grid}-t{config.texture_layers.replace(',', '+')}"
     name = f"{config.backbone}-{weights_tag}-{config.img_size}px-{what}".replace("/", "_")
     return Path(config.cache_dir) / dataset_identity(config) / name
 
@@ -299,6 +336,7 @@ def unit_metadata(extractor: FeatureExtractor, config: Config, images: ImageList
         "format": CACHE_FORMAT, "backbone": config.backbone, "weights": extractor.weights_source,
         "img_size": config.img_size, "kind": "stages" if config.method == "cflow" else "tokens",
         "patch_grid": None if config.method == "cflow" else config.patch_grid,
+        "texture_layers": None if config.method == "cflow" else extractor.texture_layers,
         "layers": extractor.layers, "count": len(images), "images": images.fingerprint(),
     }
 

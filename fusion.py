@@ -19,8 +19,10 @@ Context modes (``context=``):
 * ``"half"`` (the public code): the patch tokens are permuted with the same composed permutation
   as y and split the same way; the subnet on y1 attends over the patch-token half matching y1's
   channels, the subnet on y2 over the half matching y2's channels.
-* ``"full"`` (the paper): each subnet attends over all D channels of the unpermuted patch tokens,
-  first mapped to the attention width by ``context_proj``.
+* ``"full"`` (the paper): each subnet attends over all C channels of the unpermuted texture
+  tokens, first mapped to the attention width by ``context_proj``; C may differ from D (texture
+  tokens from an intermediate CNN stage: 112 channels for EfficientNet-Lite0's stride-16 stage
+  against a 1,280-channel semantic token).
 
 ``fusion=False`` is the "without CAFF" ablation: the subnets are MLPs and the patch tokens are
 ignored.
@@ -172,7 +174,7 @@ def _check_permutation(name: str, permutation: Tensor | None, dim: int) -> Tenso
 
 
 class CAFFCoupling(Fm.InvertibleModule):
-    """One FLL. dims_in=[(D,)], dims_c=[(N, D)].
+    """One FLL. dims_in=[(D,)], dims_c=[(N, C)] (C = D for the "half" context, any C for "full").
 
     FrEIA's own coupling blocks reject a 2-D condition on a 1-D input, hence a custom
     InvertibleModule. Forward, with y1 the first D // 2 permuted channels and y2 the rest::
@@ -214,8 +216,11 @@ class CAFFCoupling(Fm.InvertibleModule):
             raise ValueError(f"context must be one of {CONTEXT_MODES}, got {context!r}")
         if clamp <= 0:
             raise ValueError(f"clamp must be positive, got {clamp}")
-        if fusion and (len(dims_c) != 1 or len(dims_c[0]) != 2 or dims_c[0][1] != dim):
-            raise ValueError(f"fusion needs one condition of shape (N, {dim}), got dims_c={list(dims_c)}")
+        if fusion and (len(dims_c) != 1 or len(dims_c[0]) != 2):
+            raise ValueError(f"fusion needs one condition of shape (N, C), got dims_c={list(dims_c)}")
+        if fusion and context == "half" and dims_c[0][1] != dim:
+            raise ValueError(f"caff_context half splits the texture tokens' channels like y's, so they must be as wide "
+                             f"as the semantic token ({dim}), got {dims_c[0][1]}; use caff_context full")
         if fusion:
             for half in (dim // 2, dim - dim // 2):
                 if half % heads != 0:
@@ -232,7 +237,7 @@ class CAFFCoupling(Fm.InvertibleModule):
             self.register_buffer("context_permutation",
                                  _check_permutation("context_permutation", context_permutation, dim))
 
-        context_dim = dim if context == "full" else None
+        context_dim = dims_c[0][1] if fusion and context == "full" else None
         dim1, dim2 = self.split_sizes
         self.subnet1 = ClassAttentionFusion(dim1, dim2, hidden, heads, context_dim, use_context=fusion)
         self.subnet2 = ClassAttentionFusion(dim2, dim1, hidden, heads, context_dim, use_context=fusion)
@@ -288,8 +293,9 @@ class CAFFCoupling(Fm.InvertibleModule):
 
 def build_sanf_flow(dim: int, n_tokens: int, n_layers: int = 4, hidden: int = 1024, heads: int = 4,
                     clamp: float = 3.0, context: str = "half", fusion: bool = True,
-                    seed: int = 0) -> Ff.SequenceINN:
-    """SANF-AD flow: ``n_layers`` CAFFCoupling blocks on (B, dim) conditioned on (B, n_tokens, dim).
+                    seed: int = 0, context_dim: int | None = None) -> Ff.SequenceINN:
+    """SANF-AD flow: ``n_layers`` CAFFCoupling blocks on (B, dim) conditioned on (B, n_tokens, context_dim)
+    texture tokens (``context_dim`` None: as wide as ``dim``).
 
     The per-layer permutations come from a ``torch.Generator`` seeded with ``seed`` (repeatable,
     independent of the global RNG); layer k's context permutation is P_1[P_2[...P_k]], the
@@ -310,7 +316,7 @@ def build_sanf_flow(dim: int, n_tokens: int, n_layers: int = 4, hidden: int = 10
     for _ in range(n_layers):
         permutation = torch.randperm(dim, generator=generator)
         composed = composed[permutation]
-        flow.append(CAFFCoupling, cond=0, cond_shape=(n_tokens, dim), hidden=hidden, heads=heads,
+        flow.append(CAFFCoupling, cond=0, cond_shape=(n_tokens, context_dim or dim), hidden=hidden, heads=heads,
                     clamp=clamp, context=context, fusion=fusion, permutation=permutation,
                     context_permutation=composed)
     return flow

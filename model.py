@@ -262,8 +262,10 @@ class SANFModel(nn.Module):
     with the Ledoit-Wolf shrunk covariance S of the training semantic tokens, x = W (y - mu) with
     W = S^(-1/2) (ZCA: channels stay aligned with the backbone's). With ``token_dim`` > 0 only the
     first ``token_dim`` principal axes of S are kept (PCA whitening), so that the flow works on
-    ``token_dim`` channels instead of D. The patch tokens go through the same map, which keeps
-    their channels aligned with the flow's input (the public code's "half" context needs that).
+    ``token_dim`` channels instead of D. With the public code's "half" context the texture tokens
+    go through the same map, which keeps their channels aligned with the flow's input; with the
+    paper's "full" context (texture tokens of any width C, e.g. an intermediate CNN stage) each
+    texture channel is standardised with its mean and standard deviation over the training tokens.
 
     Why: W is a fixed invertible linear layer, so it changes the NLL only by a constant, but it
     starts training at the shrunk-Gaussian (Mahalanobis) solution instead of at an isotropic one;
@@ -271,29 +273,35 @@ class SANFModel(nn.Module):
     from scratch in a few epochs.
 
     Args:
-        dim: D, channels of the cached tokens.
-        n_tokens: N, patch tokens per image.
+        dim: D, channels of the semantic token.
+        n_tokens: N, texture tokens per image.
+        texture_dim: C, channels of the texture tokens (None: D).
         token_dim: channels the flow works on; 0 keeps all D.
         n_layers, hidden, heads, clamp, context, fusion, seed: see ``fusion.build_sanf_flow``.
     """
 
     def __init__(self, dim: int, n_tokens: int, n_layers: int = 4, hidden: int = 1024, heads: int = 4,
                  clamp: float = 3.0, context: str = "half", fusion: bool = True, seed: int = 0,
-                 token_dim: int = 0) -> None:
+                 token_dim: int = 0, texture_dim: int | None = None) -> None:
         super().__init__()
-
         if token_dim > dim:
             raise ValueError(f"token_dim ({token_dim}) cannot exceed the token width ({dim})")
         self.flow_dim = token_dim or dim
         self.n_tokens = n_tokens
+        self.texture_dim = texture_dim or dim
+        self.context = context
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("whitening", torch.eye(dim)[:, : self.flow_dim].clone())
+        self.register_buffer("texture_mean", torch.zeros(self.texture_dim))
+        self.register_buffer("texture_scale", torch.ones(self.texture_dim))
+        context_dim = self.flow_dim if context == "half" else self.texture_dim
         self.flow = build_sanf_flow(self.flow_dim, n_tokens, n_layers=n_layers, hidden=hidden, heads=heads,
-                                    clamp=clamp, context=context, fusion=fusion, seed=seed)
+                                    clamp=clamp, context=context, fusion=fusion, seed=seed, context_dim=context_dim)
 
     @torch.no_grad()
-    def fit_preprocessing(self, semantic_tokens: Tensor) -> None:
-        """Mean and whitening from the normal training semantic tokens (M, D)."""
+    def fit_preprocessing(self, semantic_tokens: Tensor, texture_tokens: Tensor | None = None) -> None:
+        """Mean and whitening from the normal training semantic tokens (M, D); texture standardisation
+        from their texture tokens (M, N, C) for the "full" context."""
         mean, covariance, _ = shrunk_covariance(semantic_tokens)
         eigenvalues, eigenvectors = torch.linalg.eigh(torch.from_numpy(covariance))
         order = eigenvalues.argsort(descending=True)[: self.flow_dim]
@@ -302,14 +310,24 @@ class SANFModel(nn.Module):
             axes = axes @ eigenvectors[:, order].T  # ZCA: rotate back to the backbone's channels
         self.mean.copy_(mean)
         self.whitening.copy_(axes)
+        if texture_tokens is not None and self.context == "full":
+            channels = texture_tokens.reshape(-1, texture_tokens.shape[-1]).double()
+            self.texture_mean.copy_(channels.mean(dim=0))
+            self.texture_scale.copy_(channels.std(dim=0).clamp_min(1e-6))
 
     def preprocess(self, tokens: Tensor) -> Tensor:
-        """(..., D) → (..., flow_dim)."""
+        """Semantic tokens (..., D) → (..., flow_dim)."""
         return (tokens - self.mean) @ self.whitening
+
+    def preprocess_texture(self, texture_tokens: Tensor) -> Tensor:
+        """Texture tokens (..., C) → the flow's condition: the semantic map ("half") or standardised ("full")."""
+        if self.context == "half":
+            return self.preprocess(texture_tokens)
+        return (texture_tokens - self.texture_mean) / self.texture_scale
 
     def latent(self, semantic_tokens: Tensor, patch_tokens: Tensor) -> tuple[Tensor, Tensor]:
         """z (B, flow_dim) and log|det dz/dy| (B,) of the preprocessed semantic tokens."""
-        z, log_jac_det = self.flow(self.preprocess(semantic_tokens), c=[self.preprocess(patch_tokens)])
+        z, log_jac_det = self.flow(self.preprocess(semantic_tokens), c=[self.preprocess_texture(patch_tokens)])
         return z, log_jac_det
 
     def nll_per_dim(self, semantic_tokens: Tensor, patch_tokens: Tensor) -> Tensor:
@@ -331,8 +349,8 @@ class SANFModel(nn.Module):
 DETECTOR_FORMAT = "nf-anomaly-detector/1"
 COMMON_SCORE_FIELDS = ("method", "backbone", "img_size")
 SCORE_FIELDS: dict[str, tuple[str, ...]] = {
-    "sanf": ("patch_grid", "token_norm", "fusion", "caff_context", "n_flow_layers", "token_dim", "hidden", "heads",
-             "clamp", "score"),
+    "sanf": ("patch_grid", "texture_layers", "token_norm", "fusion", "caff_context", "n_flow_layers", "token_dim",
+             "hidden", "heads", "clamp", "score"),
     "knn": ("token_norm", "knn_k"),
     "gaussian": ("token_norm", "gaussian_shrinkage"),
     "cflow": ("layers", "condition_dims", "n_flow_layers", "clamp", "permute_soft", "map_norm"),
@@ -537,20 +555,20 @@ class SANFDetector(_TokenDetector):
         super().__init__(config, extractor)
         self.model: SANFModel | None = None
 
-    def _build(self, dim: int, n_tokens: int) -> None:
+    def _build(self, dim: int, n_tokens: int, texture_dim: int) -> None:
         config = self.config
         try:
             model = SANFModel(dim, n_tokens, n_layers=config.n_flow_layers, hidden=config.hidden, heads=config.heads,
                               clamp=config.clamp, context=config.caff_context, fusion=config.fusion == "caff",
-                              seed=config.seed, token_dim=config.token_dim)
+                              seed=config.seed, token_dim=config.token_dim, texture_dim=texture_dim)
         except ValueError as error:  # shapes that do not fit the flow's settings (heads, token_dim)
             raise ConfigError(str(error)) from None
         self.model = model.to(config.device)
 
     def _fit(self, fit: TokenFeatures, held_out: TokenFeatures | None, name: str) -> dict[str, Any]:
         tokens = self.normalised(fit)
-        self._build(tokens["sem"].shape[1], tokens["patches"].shape[1])
-        self.model.fit_preprocessing(tokens["sem"])
+        self._build(tokens["sem"].shape[1], tokens["patches"].shape[1], tokens["patches"].shape[2])
+        self.model.fit_preprocessing(tokens["sem"], tokens["patches"])
         held = None if held_out is None or self.count(held_out) == 0 else self.normalised(held_out)
         info = train_sanf(self.model, tokens, held, self.config, name)
         return {**info, "parameters": sum(p.numel() for p in self.model.flow.parameters())}
@@ -559,10 +577,11 @@ class SANFDetector(_TokenDetector):
         return self.model.anomaly_score(tokens["sem"], tokens["patches"], self.config.score)
 
     def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        return self.model.state_dict(), {"dim": self.model.mean.numel(), "n_tokens": self.model.n_tokens}
+        return self.model.state_dict(), {"dim": self.model.mean.numel(), "n_tokens": self.model.n_tokens,
+                                         "texture_dim": self.model.texture_dim}
 
     def _restore(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-        self._build(meta["dim"], meta["n_tokens"])
+        self._build(meta["dim"], meta["n_tokens"], meta["texture_dim"])
         self.model.load_state_dict(tensors, strict=True)
         self.model.eval()
 

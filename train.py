@@ -79,13 +79,15 @@ def shuffled_fiber_chunks(
 
 
 def keep_best_epoch(module: nn.Module, epochs: int, run_epoch: Callable[[int], float],
-                    held_out_nll: Callable[[], float] | None, desc: str) -> dict[str, Any]:
-    """Run ``epochs`` epochs; keep the weights of the epoch with the lowest held-out NLL.
+                    held_out_nll: Callable[[], float] | None, desc: str, patience: int = 0) -> dict[str, Any]:
+    """Run up to ``epochs`` epochs; keep the weights of the epoch with the lowest held-out NLL.
 
     ``run_epoch(epoch)`` trains one epoch (1-based) and returns its mean training loss;
     ``held_out_nll()`` measures the held-out images' NLL per dimension (None: no held-out images,
-    the last epoch is kept, as in the papers). Epoch 0 is the untrained start, so training never
-    ends worse on the held-out images than it started.
+    every epoch runs and the last one is kept, as in the papers). Epoch 0 is the untrained start,
+    so training never ends worse on the held-out images than it started. With ``patience`` > 0,
+    training stops once that many epochs in a row have not improved on the best held-out NLL: what
+    they would cost buys nothing the kept weights can use.
 
     Returns:
         ``curve`` (one record per epoch, epoch 0 first), ``kept_epoch`` and ``held_out_nll`` of the
@@ -108,6 +110,8 @@ def keep_best_epoch(module: nn.Module, epochs: int, run_epoch: Callable[[int], f
             else:
                 progress.set_postfix(loss=f"{record['train_loss']:.4f}")
             curve.append(record)
+            if held_out_nll is not None and patience and epoch - best_epoch >= patience:
+                break
     if best_state is not None:
         module.load_state_dict(best_state)
     return {"curve": curve, "kept_epoch": best_epoch, "held_out_nll": best_nll}
@@ -162,10 +166,13 @@ def train_sanf(model: nn.Module, fit: dict[str, Tensor], held_out: dict[str, Ten
         return torch.cat(values).mean().item()
 
     started = time.perf_counter()
-    result = keep_best_epoch(model, config.epochs, run_epoch, None if held_out is None else held_out_nll, f"{name} sanf")
+    result = keep_best_epoch(model, config.epochs, run_epoch, None if held_out is None else held_out_nll, f"{name} sanf",
+                             config.patience)
     model.eval()
     seconds = time.perf_counter() - started
-    return {**result, "train_seconds": seconds, "train_images_per_second": count * config.epochs / max(seconds, 1e-9)}
+    epochs_run = len(result["curve"]) - (held_out is not None)
+    return {**result, "train_seconds": seconds, "epochs_run": epochs_run,
+            "train_images_per_second": count * epochs_run / max(seconds, 1e-9)}
 
 
 # ----------------------------------------------------------------------------- CFLOW
@@ -210,9 +217,11 @@ def train_cflow(model: nn.Module, fit: StageBatches, held_out: StageBatches | No
         return sum(total / count for total, count in totals.values()) / len(totals)
 
     started = time.perf_counter()
-    result = keep_best_epoch(model, config.epochs, run_epoch, None if held_out is None else held_out_nll, f"{name} cflow")
+    result = keep_best_epoch(model, config.epochs, run_epoch, None if held_out is None else held_out_nll,
+                             f"{name} cflow", config.patience)
     model.eval()
     seconds = time.perf_counter() - started
-    return {**result, "train_seconds": seconds, "seconds_per_epoch": seconds / max(config.epochs, 1),
-            "train_fibers_per_epoch": fibers_per_epoch,
-            "train_fibers_per_second": fibers_per_epoch * config.epochs / max(seconds, 1e-9)}
+    epochs_run = len(result["curve"]) - (held_out is not None)
+    return {**result, "train_seconds": seconds, "epochs_run": epochs_run,
+            "seconds_per_epoch": seconds / max(epochs_run, 1), "train_fibers_per_epoch": fibers_per_epoch,
+            "train_fibers_per_second": fibers_per_epoch * epochs_run / max(seconds, 1e-9)}

@@ -9,7 +9,7 @@ import random
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -22,32 +22,55 @@ def atomic_write_json(path: Path, payload: Any) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(Path(path), lambda stream: stream.write(data))
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    atomic_write(Path(path), lambda stream: torch.save(obj, stream))
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """``write`` into a temporary file beside ``path``, fsync it, rename it over ``path`` and fsync the
+    folder: after a kill or a power cut, ``path`` is the old file or the complete new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException:
-        os.unlink(temporary)
+        if os.path.exists(temporary):
+            os.unlink(temporary)
         raise
+    fsync_path(path.parent)
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
+def fsync_path(path: Path) -> None:
+    """Make a file's data, or a folder's entries (creations, renames, removals), durable."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def configure_torch(config: Any) -> None:
-    """Threads and the device check, once per run."""
+    """Once per run: threads, the device check, deterministic algorithms and every seed.
+
+    Seeding here makes a run repeatable bit for bit on one machine with one thread count: torch's
+    default generator starts from a random seed in every process, and the subnet weights of the
+    SANF flow are drawn from it. Another thread count (``--threads``) changes the order of the
+    parallel float sums, and so the last bits of the results.
+    """
     if config.threads:
         torch.set_num_threads(config.threads)
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         from config import ConfigError
 
         raise ConfigError(f"--device {config.device} asked for, but torch sees no CUDA device; use --device cpu")
+    seed_everything(config.seed)
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -55,9 +55,25 @@ def test_traced_graph_matches_the_eager_backbone_for_any_batch(demo_extractor):
         assert torch.allclose(traced[name], reference, atol=1e-3, rtol=1e-3)
     single = demo_extractor(images[:1])  # features are float16 values: equal up to one float16 step (2^-10)
     assert torch.allclose(single["sem"], traced["sem"][:1], atol=1e-4, rtol=2e-3)
-    assert traced["sem"].shape == (5, 1280) and traced["patches"].shape == (5, 4, 1280)
-    assert torch.allclose(traced["patches"].mean(dim=1), traced["sem"], atol=1e-4, rtol=2e-3)  # same map pooled
+    assert traced["sem"].shape == (5, 1280) and traced["patches"].shape == (5, 4, 112)  # stride-16 stage
     assert torch.equal(traced["sem"], traced["sem"].half().float())
+
+
+def test_texture_tokens_are_the_stride_16_stage_pooled_not_the_last_stage(demo_extractor):
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    features = demo_extractor(images)
+    backbone = demo_extractor.head.backbone
+    with torch.no_grad():  # timm's own intermediate-feature path as the reference
+        stage = backbone.forward_intermediates(demo_extractor.normalise(images), indices=[3],
+                                               intermediates_only=True)[0]
+    expected = torch.nn.functional.adaptive_avg_pool2d(stage, 2).flatten(2).transpose(1, 2)
+    assert torch.allclose(features["patches"], expected, atol=1e-3, rtol=2e-3)
+    last = FeatureExtractor(make_config("demo", texture_layers="last", **SMALL))(images)
+    assert last["patches"].shape == (3, 4, 1280)
+    assert torch.allclose(last["patches"].mean(dim=1), last["sem"], atol=1e-4, rtol=2e-3)  # the same map pooled
+    both = FeatureExtractor(make_config("demo", texture_layers="blocks.2,blocks.4", **SMALL))(images)
+    assert both["patches"].shape == (3, 4, 40 + 112)
+    assert torch.allclose(both["patches"][..., 40:], features["patches"], atol=1e-3, rtol=2e-3)
 
 
 def test_cache_round_trip_is_float16_and_shared(tmp_path, demo_extractor):
@@ -65,10 +81,11 @@ def test_cache_round_trip_is_float16_and_shared(tmp_path, demo_extractor):
     task = load_tasks(config)[0]
     train, test = task_features(demo_extractor, task, config)
     assert train["sem"].dtype == np.float16 and train["sem"].shape == (12, 1280)
-    assert test["patches"].shape == (20, 4, 1280)
+    assert test["patches"].shape == (20, 4, 112) and test["patches"].dtype == np.float16  # texture tokens
     fresh = demo_extractor(torch.stack([torch.from_numpy(np.array(task.test.load(i).resize((64, 64), 3)))
                                         .permute(2, 0, 1) for i in range(3)]))
-    assert np.allclose(test["sem"][:3].astype(np.float32), fresh["sem"].numpy(), atol=2e-2)
+    for name in ("sem", "patches"):
+        assert np.allclose(test[name][:3].astype(np.float32), fresh[name].numpy(), atol=1e-3, rtol=2e-3)
     files = sorted(p.name for p in cache_folder(config).iterdir())
     assert not [f for f in files if "partial" in f or "progress" in f]
     again, _ = task_features(demo_extractor, task, config)  # read back, not re-extracted
@@ -124,7 +141,24 @@ def test_stale_cache_is_refused_then_rebuilt_on_request(tmp_path, demo_extractor
     with pytest.raises(StaleCacheError, match="weights"):
         cached_features(demo_extractor, task.train, "unit", config)
     refreshed = make_config("demo", cache_dir=str(tmp_path), refresh_cache=True, **SMALL)
+    other_unit = cached_features(demo_extractor, other_images, "other", config)["sem"]
     assert cached_features(demo_extractor, task.train, "unit", refreshed)["sem"].shape == (12, 1280)
+    # the refresh rebuilt that unit only: the other one is still there, unchanged
+    assert np.array_equal(np.asarray(cached_features(demo_extractor, other_images, "other", config)["sem"]),
+                          np.asarray(other_unit))
+    assert (cache_folder(config) / "other.json").stat().st_mtime <= (cache_folder(config) / "unit.json").stat().st_mtime
+
+
+def test_other_texture_layers_make_the_cache_stale_and_get_their_own_folder(tmp_path, demo_extractor):
+    config = make_config("demo", cache_dir=str(tmp_path), **SMALL)
+    task = load_tasks(config)[0]
+    cached_features(demo_extractor, task.train, "unit", config)
+    shallow = make_config("demo", cache_dir=str(tmp_path), texture_layers="blocks.2", **SMALL)
+    assert cache_folder(shallow) != cache_folder(config)
+    shallow_extractor = FeatureExtractor(shallow)
+    with pytest.raises(StaleCacheError, match="texture_layers"):  # the same unit read by another texture setting
+        cached_features(shallow_extractor, task.train, "unit", config)
+    assert cached_features(shallow_extractor, task.train, "unit", shallow)["patches"].shape == (12, 4, 40)
 
 
 def test_cache_that_does_not_fit_is_refused_up_front(tmp_path, demo_extractor, monkeypatch):

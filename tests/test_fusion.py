@@ -21,10 +21,10 @@ MODES = [("half", True), ("full", True), ("half", False), ("full", False)]
 
 
 def make_flow(context: str = "half", fusion: bool = True, dim: int = DIM, heads: int = HEADS,
-              n_layers: int = 3, seed: int = 0, randomize: bool = True) -> nn.Module:
+              n_layers: int = 3, seed: int = 0, randomize: bool = True, context_dim: int | None = None) -> nn.Module:
     """Small float64 flow; randomize=True replaces the zero-initialised FCs so it is not the identity."""
     flow = build_sanf_flow(dim, N_TOKENS, n_layers=n_layers, hidden=HIDDEN, heads=heads,
-                           context=context, fusion=fusion, seed=seed).double()
+                           context=context, fusion=fusion, seed=seed, context_dim=context_dim).double()
     if randomize:
         generator = torch.Generator().manual_seed(seed + 100)
         with torch.no_grad():
@@ -117,6 +117,25 @@ def test_log_jac_matches_autograd(context, fusion):
         assert torch.linalg.slogdet(inverse).logabsdet.item() == pytest.approx(log_jac_rev[i].item(), abs=1e-9)
 
 
+@pytest.mark.parametrize("texture_dim", [5, 12])
+def test_texture_tokens_of_another_width_invertible_with_autograd_log_jac(texture_dim):
+    """The paper's full context reads texture tokens of any width C (an intermediate CNN stage)."""
+    flow = make_flow("full", True, context_dim=texture_dim)
+    generator = torch.Generator().manual_seed(4)
+    y_sem = torch.randn(3, DIM, generator=generator, dtype=torch.float64)
+    texture = torch.randn(3, N_TOKENS, texture_dim, generator=generator, dtype=torch.float64)
+    z, log_jac = flow(y_sem, c=[texture])
+    y_back, log_jac_rev = flow(z, c=[texture], rev=True)
+    assert torch.allclose(y_back, y_sem, atol=1e-10) and torch.allclose(log_jac_rev, -log_jac, atol=1e-10)
+    assert not torch.allclose(flow(y_sem, c=[texture + 1.0])[0], z)  # the texture tokens are read
+    for i in range(3):
+        jacobian = torch.autograd.functional.jacobian(
+            lambda y: flow(y.unsqueeze(0), c=[texture[i:i + 1]])[0].squeeze(0), y_sem[i])
+        assert torch.linalg.slogdet(jacobian).logabsdet.item() == pytest.approx(log_jac[i].item(), abs=1e-9)
+    with pytest.raises(ValueError, match="use caff_context full"):
+        make_flow("half", True, context_dim=texture_dim)
+
+
 @pytest.mark.parametrize("context,fusion", MODES)
 def test_patch_tokens_matter_only_with_fusion(context, fusion):
     flow = make_flow(context, fusion)
@@ -199,8 +218,10 @@ def test_invalid_coupling_arguments_raise():
     with pytest.raises(ValueError, match="permutation"):
         CAFFCoupling([(DIM,)], [(N_TOKENS, DIM)], hidden=HIDDEN, heads=HEADS,
                      permutation=torch.zeros(DIM, dtype=torch.long), context_permutation=torch.arange(DIM))
-    with pytest.raises(ValueError, match="condition of shape"):
+    with pytest.raises(ValueError, match="must be as wide as the semantic token"):
         CAFFCoupling([(DIM,)], [(N_TOKENS, DIM + 1)], hidden=HIDDEN, heads=HEADS,
                      permutation=torch.arange(DIM), context_permutation=torch.arange(DIM))
+    with pytest.raises(ValueError, match="condition of shape"):
+        CAFFCoupling([(DIM,)], [(DIM,)], hidden=HIDDEN, heads=HEADS, context="full", permutation=torch.arange(DIM))
     with pytest.raises(ValueError, match="heads"):
         ClassAttention(6, 4, heads=4)

@@ -127,6 +127,20 @@ def test_the_epoch_with_the_lowest_held_out_nll_is_kept_epoch_0_included(held_ou
     assert result["held_out_nll"] == held_out_curve[kept]
 
 
+def test_patience_stops_once_the_held_out_nll_stops_improving():
+    module = _Weight()
+    measured = iter([1.0, 0.8, 0.9, 0.85, 0.7, 0.6])
+    epochs_run = []
+
+    def run_epoch(epoch: int) -> float:
+        epochs_run.append(epoch)
+        module.value.data.fill_(float(epoch))
+        return 0.0
+
+    result = keep_best_epoch(module, 5, run_epoch, lambda: next(measured), "toy", patience=2)
+    assert epochs_run == [1, 2, 3] and result["kept_epoch"] == 1 and module.value.item() == 1
+
+
 def test_demo_end_to_end_writes_results_and_rescores_from_checkpoints(tmp_path):
     overrides = dict(classes="0,1,7", max_train_per_class=40, epochs=2, cache_dir=str(tmp_path / "cache"),
                      results_dir=str(tmp_path / "results"))
