@@ -91,6 +91,8 @@ class Config:
                              "semantic token)", ("full", "half"))
     token_dim: int = _opt("sanf", 0, "channels the flow works on; the tokens are projected on the first token_dim "
                           "principal axes of the normal training tokens (0 = all D channels, as the paper)")
+    train_noise: float = _opt("sanf", 0.0, "std of Gaussian noise added to the whitened semantic tokens while training "
+                              "(0 = none, as the paper): a regulariser for few images in many dimensions")
     hidden: int = _opt("sanf", 1024, "hidden width of every coupling subnet (paper 1024)")
     heads: int = _opt("sanf", 4, "class-attention heads (public code 4)")
     score: str = _opt("sanf", "nll", "anomaly score: nll = |z|^2/2 - log|det J| per dimension; z2 = mean(z^2) "

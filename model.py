@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from anomaly_map import AnomalyMapGenerator, reference_from_training
@@ -325,14 +326,18 @@ class SANFModel(nn.Module):
             return self.preprocess(texture_tokens)
         return (texture_tokens - self.texture_mean) / self.texture_scale
 
-    def latent(self, semantic_tokens: Tensor, patch_tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """z (B, flow_dim) and log|det dz/dy| (B,) of the preprocessed semantic tokens."""
-        z, log_jac_det = self.flow(self.preprocess(semantic_tokens), c=[self.preprocess_texture(patch_tokens)])
+    def latent(self, semantic_tokens: Tensor, patch_tokens: Tensor, noise: float = 0.0) -> tuple[Tensor, Tensor]:
+        """z (B, flow_dim) and log|det dz/dy| (B,) of the preprocessed semantic tokens, with Gaussian noise of
+        std ``noise`` added to them after whitening (a training-time regulariser; 0 when scoring)."""
+        whitened = self.preprocess(semantic_tokens)
+        if noise > 0:
+            whitened = whitened + noise * torch.randn_like(whitened)
+        z, log_jac_det = self.flow(whitened, c=[self.preprocess_texture(patch_tokens)])
         return z, log_jac_det
 
-    def nll_per_dim(self, semantic_tokens: Tensor, patch_tokens: Tensor) -> Tensor:
+    def nll_per_dim(self, semantic_tokens: Tensor, patch_tokens: Tensor, noise: float = 0.0) -> Tensor:
         """(||z||^2 / 2 - log|det J|) / flow_dim per image (B,): the training loss (Eq. 14 per dimension)."""
-        z, log_jac_det = self.latent(semantic_tokens, patch_tokens)
+        z, log_jac_det = self.latent(semantic_tokens, patch_tokens, noise)
         return (0.5 * z.pow(2).sum(dim=1) - log_jac_det) / self.flow_dim
 
     def anomaly_score(self, semantic_tokens: Tensor, patch_tokens: Tensor, score: str) -> Tensor:
@@ -470,11 +475,16 @@ class Detector:
                  "fit images themselves (val_fraction 0: optimistic, expect more false alarms)")
         self.threshold_rule = (f"{quantile:g} quantile of the scores of {len(scores)} {which}: target false-positive "
                                f"rate {self.config.threshold_fpr:g}")
+        if self.method == "cflow" and self.config.map_norm != "train":
+            self.threshold_rule += (f"; with map_norm {self.config.map_norm} a score depends on the images scored with "
+                                    "it, so the threshold is indicative only (map_norm train makes it exact)")
         return self.info
 
     def score_images(self, images: Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """uint8 images (B, 3, S, S) at ``img_size`` → image scores (B,) and anomaly maps (B, S, S) or None."""
-        return self.score(self.features_of(self.extractor(images)))
+        with record_function("predict.backbone"):
+            features = self.features_of(self.extractor(images))
+        return self.score(features)
 
     def flagged(self, scores: np.ndarray) -> np.ndarray:
         """Which scores are above the decision threshold."""
@@ -643,7 +653,8 @@ class CFlowDetector(Detector):
         self.model: CFlowModel | None = None
         self.reference: dict[str, float] | None = None
 
-    def _build(self, stage_channels: dict[str, int]) -> None:
+    def build(self, stage_channels: dict[str, int]) -> None:
+        """Fresh (untrained, seeded) decoders for these stages."""
         config = self.config
         self.model = CFlowModel(stage_channels, condition_dims=config.condition_dims, n_blocks=config.n_flow_layers,
                                 clamp=config.clamp, permute_soft=config.permute_soft,
@@ -653,7 +664,7 @@ class CFlowDetector(Detector):
         return StageFeatures({stage: value.float() for stage, value in backbone_outputs.items()})
 
     def _fit(self, fit: StageFeatures, held_out: StageFeatures | None, name: str) -> dict[str, Any]:
-        self._build(fit.stage_channels())
+        self.build(fit.stage_channels())
         held = None if held_out is None or len(held_out) == 0 else held_out
         info = train_cflow(self.model, fit, held, self.config, name)
         self.reference = self.training_reference(fit) if self.config.map_norm == "train" else None
@@ -679,13 +690,16 @@ class CFlowDetector(Detector):
 
     def score(self, features: StageFeatures) -> tuple[np.ndarray, np.ndarray]:
         """Image scores (N,) float64 and anomaly maps (N, S, S) float32 at ``img_size`` under ``map_norm``."""
-        return anomaly_maps(self.stage_log_likelihoods(features), self.config, self.reference)
+        with record_function("predict.flows"):
+            stage_maps = self.stage_log_likelihoods(features)
+        with record_function("predict.anomaly_maps"):
+            return anomaly_maps(stage_maps, self.config, self.reference)
 
     def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         return self.model.state_dict(), {"stage_channels": self.model.stage_channels, "reference": self.reference}
 
     def _restore(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-        self._build(meta["stage_channels"])
+        self.build(meta["stage_channels"])
         self.model.load_state_dict(tensors, strict=True)
         self.model.eval()
         self.reference = meta["reference"]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from config import ConfigError
@@ -68,7 +68,8 @@ def predict(detector: Detector, images: list[str], out: Path, batch_size: int, o
             flagged += anomalous
             rows.append(f"{_csv(image_list.ids[index])},{float(score)!r},{anomalous}")
             if maps is not None:
-                _write_map(out, names[index], maps[offset], batch[offset], float(score), detector, overlays)
+                with record_function("predict.outputs"):
+                    _write_map(out, names[index], maps[offset], batch[offset], detector.threshold, overlays)
         position += len(scores)
     seconds = time.perf_counter() - started
     atomic_write_bytes(out / "predictions.csv", ("\n".join(["path,score,anomalous", *rows]) + "\n").encode())
@@ -76,16 +77,12 @@ def predict(detector: Detector, images: list[str], out: Path, batch_size: int, o
             "images_per_second": len(rows) / max(seconds, 1e-9)}
 
 
-def _write_map(out: Path, name: str, anomaly_map: np.ndarray, image: torch.Tensor, score: float, detector: Detector,
+def _write_map(out: Path, name: str, anomaly_map: np.ndarray, image: torch.Tensor, threshold: float,
                overlay: bool) -> None:
     (out / "maps").mkdir(parents=True, exist_ok=True)
     np.save(out / "maps" / f"{name}.npy", anomaly_map.astype(np.float16))
-    if overlay:
-        verdict = "anomalous" if score > detector.threshold else "normal"
-        # one colour scale for every image, the image-score threshold at its middle
-        save_overlay(image.permute(1, 2, 0).numpy(), anomaly_map, 0.0, 2 * detector.threshold,
-                     f"{name}\nscore {score:.3f} (threshold {detector.threshold:.3f}): {verdict}",
-                     out / "overlays" / f"{name}.png")
+    if overlay:  # one colour scale for every image: 0 to twice the image-score threshold (green = threshold)
+        save_overlay(image.permute(1, 2, 0).numpy(), anomaly_map, 0.0, 2 * threshold, out / "overlays" / f"{name}.png")
 
 
 def _csv(text: str) -> str:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from config import Config
@@ -124,13 +125,16 @@ def _adam(parameters: Any, config: Config) -> torch.optim.Adam:
 
 
 def _step(loss: Tensor, optimizer: torch.optim.Optimizer, parameters: Any, config: Config, where: str) -> float:
+    """One optimizer step; the ``record_function`` labels name the parts in a profile (bench/profile.py)."""
     if not torch.isfinite(loss):
         raise TrainingError(f"non-finite loss at {where}; lower --lr (now {config.lr}) or set --grad_clip 1")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if config.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
-    optimizer.step()
+    with record_function("train.backward"):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+    with record_function("train.optimizer_step"):
+        optimizer.step()
     return loss.item()
 
 
@@ -154,7 +158,7 @@ def train_sanf(model: nn.Module, fit: dict[str, Tensor], held_out: dict[str, Ten
         model.train()
         losses = []
         for batch, index in enumerate(torch.randperm(count, generator=generator).split(config.batch_size)):
-            loss = model.nll_per_dim(fit["sem"][index], fit["patches"][index]).mean()
+            loss = model.nll_per_dim(fit["sem"][index], fit["patches"][index], config.train_noise).mean()
             losses.append(_step(loss, optimizer, parameters, config, f"epoch {epoch}, batch {batch + 1} of '{name}'"))
         return sum(losses) / len(losses)
 
@@ -198,9 +202,11 @@ def train_cflow(model: nn.Module, fit: StageBatches, held_out: StageBatches | No
         for batch, features in enumerate(fit.batches(config.batch_size, order)):
             for stage, feature_map in features.items():
                 where = f"epoch {epoch}, image batch {batch + 1}, stage {stage} of '{name}'"
-                fibers, conditions = model.fibers_of(feature_map)
+                with record_function("train.fibers"):
+                    fibers, conditions = model.fibers_of(feature_map)
                 for chunk in shuffled_fiber_chunks(fibers, conditions, config.fiber_batch, generator):
-                    loss = cflow_loss(model.fiber_log_likelihood_per_dim(stage, *chunk))
+                    with record_function("train.forward"):
+                        loss = cflow_loss(model.fiber_log_likelihood_per_dim(stage, *chunk))
                     loss_sum += _step(loss, optimizer, model.decoder(stage).parameters(), config, where) * len(chunk[0])
                     count += len(chunk[0])
         fibers_per_epoch = count

@@ -97,7 +97,7 @@ def test_non_finite_features_and_loss_stop_training(monkeypatch):
     semantic, patches = correlated_tokens(20)
     features = {"sem": semantic.float(), "patches": patches.float()}
     model = SANFModel(16, 3, n_layers=2, hidden=8, heads=2)
-    monkeypatch.setattr(model, "nll_per_dim", lambda sem, _: torch.full((len(sem),), float("nan")))
+    monkeypatch.setattr(model, "nll_per_dim", lambda sem, *_: torch.full((len(sem),), float("nan")))
     with pytest.raises(TrainingError, match="non-finite loss at epoch 1, batch 1 of 'toy'.*lower --lr"):
         train_sanf(model, features, None, config, "toy")
     features["sem"][3, 0] = float("inf")
