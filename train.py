@@ -125,7 +125,7 @@ def _adam(parameters: Any, config: Config) -> torch.optim.Adam:
 
 
 def _step(loss: Tensor, optimizer: torch.optim.Optimizer, parameters: Any, config: Config, where: str) -> float:
-    """One optimizer step; the ``record_function`` labels name the parts in a profile (bench/profile.py)."""
+    """One optimizer step; the ``record_function`` labels name the parts in a profile (bench/profile_cflow.py)."""
     if not torch.isfinite(loss):
         raise TrainingError(f"non-finite loss at {where}; lower --lr (now {config.lr}) or set --grad_clip 1")
     with record_function("train.backward"):
