@@ -19,7 +19,7 @@ import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -170,13 +170,23 @@ def _array_split(name: str, pixels: np.ndarray, targets: Sequence[int]) -> Image
     return ImageList.create([f"{name}/{i}" for i in range(len(pixels))], targets, ArrayLoader(pixels))
 
 
-def _unpickle(path: Path) -> dict:
+def _unpickle(path: Path, *keys: str) -> dict[str, Any]:
+    """A CIFAR pickle as a dict with ``str`` keys, which must include ``keys``: the original files (Python 2
+    pickles) give ``bytes`` keys, a copy re-saved from Python 3 (or read the way torchvision does) ``str``."""
     with open(path, "rb") as handle:
-        return pickle.load(handle, encoding="bytes")
+        batch = pickle.load(handle, encoding="bytes")
+    if not isinstance(batch, dict):
+        raise DataError(f"{path} holds a {type(batch).__name__}, not a CIFAR batch dict")
+    batch = {key.decode("latin1") if isinstance(key, bytes) else key: value for key, value in batch.items()}
+    missing = [key for key in keys if key not in batch]
+    if missing:
+        raise DataError(f"{path} has no {', '.join(missing)} entry (it has {', '.join(map(str, batch))}); "
+                        "is it a CIFAR batch file?")
+    return batch
 
 
-def _cifar_pixels(batch: dict) -> np.ndarray:
-    return batch[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+def _cifar_pixels(batch: dict[str, Any]) -> np.ndarray:
+    return np.asarray(batch["data"]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
 
 
 def _find_pickle_dir(root: Path, name: str, marker: str) -> Path | None:
@@ -203,12 +213,12 @@ def cifar10(root: Path, download: bool) -> LabelledSplits:
         _torchvision_download("CIFAR10", root)
         folder = _find_pickle_dir(root, "cifar-10-batches-py", "data_batch_1")
     if folder is not None:
-        batches = [_unpickle(folder / f"data_batch_{i}") for i in range(1, 6)]
-        test = _unpickle(folder / "test_batch")
+        batches = [_unpickle(folder / f"data_batch_{i}", "data", "labels") for i in range(1, 6)]
+        test = _unpickle(folder / "test_batch", "data", "labels")
         train_pixels = np.concatenate([_cifar_pixels(b) for b in batches])
-        train_targets = np.concatenate([b[b"labels"] for b in batches])
+        train_targets = np.concatenate([b["labels"] for b in batches])
         return LabelledSplits(CIFAR10_CLASSES, _array_split("train", train_pixels, train_targets),
-                              _array_split("test", _cifar_pixels(test), test[b"labels"]))
+                              _array_split("test", _cifar_pixels(test), test["labels"]))
     if _has_image_folder(root):
         return _image_folder(root)
     raise _missing("CIFAR-10", root, "cifar-10-batches-py/ (torchvision) or train/<class>/ and test/<class>/")
@@ -221,10 +231,10 @@ def cifar100(root: Path, download: bool) -> LabelledSplits:
         _torchvision_download("CIFAR100", root)
         folder = _find_pickle_dir(root, "cifar-100-python", "train")
     if folder is not None:
-        train, test = _unpickle(folder / "train"), _unpickle(folder / "test")
+        train, test = (_unpickle(folder / name, "data", "coarse_labels") for name in ("train", "test"))
         return LabelledSplits(CIFAR100_SUPERCLASSES,
-                              _array_split("train", _cifar_pixels(train), train[b"coarse_labels"]),
-                              _array_split("test", _cifar_pixels(test), test[b"coarse_labels"]))
+                              _array_split("train", _cifar_pixels(train), train["coarse_labels"]),
+                              _array_split("test", _cifar_pixels(test), test["coarse_labels"]))
     if _has_image_folder(root):
         return _image_folder(root)
     raise _missing("CIFAR-100", root, "cifar-100-python/ (torchvision) or train/<superclass>/ and test/<superclass>/")

@@ -10,13 +10,19 @@ Features per image:
 
 The cache stores one *unit* per split part (``train-<class>``, ``test``; the one-class test split is
 stored once for all classes) as float16 ``.npy`` arrays plus a JSON file with what they were built
-from. The JSON is written last, atomically: a unit without it is incomplete, and an interrupted
-extraction resumes from its ``.partial`` files. A unit whose JSON does not match the current
-backbone, weights file, image size, grid, layers or image list is stale and is never read.
+from and each array's file, shape and byte size. The arrays of an extraction carry its id in their
+names and are never renamed; the JSON, written last (fsynced, atomic rename), is the only thing that
+makes them a unit, so a kill at any moment leaves a complete unit or one that the next run resumes
+(from its ``.progress.json``) or rebuilds. A unit whose JSON does not match the current backbone,
+weights file, image size, grid, layers or image list is stale and is never read. A lock file per unit
+keeps two processes from writing the same unit.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import glob
 import hashlib
 import importlib
 import json
@@ -24,7 +30,9 @@ import os
 import shutil
 import sys
 import time
+import uuid
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -36,9 +44,9 @@ from tqdm import tqdm
 
 from config import Config, ConfigError, describe, parse_args
 from datasets import DataError, ImageList, Task, dataset_identity, load_tasks
-from utils import atomic_write_json, configure_torch, run_cli
+from utils import atomic_write_json, configure_torch, fsync_path, run_cli
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: arrays named by extraction id, JSON with file names and byte sizes
 
 
 class WeightsError(RuntimeError):
@@ -95,23 +103,72 @@ def _read_state_dict(path: str) -> dict[str, Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
+# lukemelas EfficientNet-PyTorch module names → timm's (the packaged Lite weights are in the former layout)
+_LUKEMELAS_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+                  "_fc": "classifier"}
+_LUKEMELAS_BLOCK = {  # per timm block kind: with an expansion (InvertedResidual) or without (DepthwiseSeparableConv)
+    True: {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+           "_project_conv": "conv_pwl", "_bn2": "bn3"},
+    False: {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"},
+}
+
+
+def lukemelas_module_table(model: nn.Module) -> dict[str, str]:
+    """lukemelas module name → timm module name for a timm EfficientNet(-Lite) ``model``.
+
+    lukemelas numbers its blocks flat (``_blocks.N``); timm groups them in stages (``blocks.S.I``):
+    flat block N is the N-th block in the order of the model's stages. A timm block with a
+    ``conv_pwl`` is an inverted residual (expand, depthwise, project); one without is depthwise-separable.
+    """
+    table = dict(_LUKEMELAS_TOP)
+    stages = getattr(model, "blocks", None)
+    if isinstance(stages, nn.Sequential) and all(isinstance(stage, nn.Sequential) for stage in stages):
+        positions = [(s, i, block) for s, stage in enumerate(stages) for i, block in enumerate(stage)]
+        for flat, (s, i, block) in enumerate(positions):
+            for theirs, ours in _LUKEMELAS_BLOCK[hasattr(block, "conv_pwl")].items():
+                table[f"_blocks.{flat}.{theirs}"] = f"blocks.{s}.{i}.{ours}"
+    return table
+
+
+def lukemelas_to_timm(key: str, table: dict[str, str]) -> str | None:
+    """The timm name of a lukemelas state-dict key (``_blocks.3._bn1.weight`` → ``blocks.2.0.bn2.weight``),
+    None when the table has no entry for its module."""
+    module, _, tensor = key.rpartition(".")
+    return f"{table[module]}.{tensor}" if module in table else None
+
+
 def _matched_state_dict(state: dict[str, Tensor], model: nn.Module, path: str, backbone: str) -> dict[str, Tensor]:
-    """``state`` under the model's key names: identical keys, or the same tensors in the same order
-    (the lukemelas EfficientNet layout of the packaged Lite weights)."""
+    """``state`` under the model's key names, matched by name and checked tensor by tensor: a file in timm's
+    layout as it is, one in the lukemelas EfficientNet layout (the packaged Lite weights, recognised by
+    ``_conv_stem.weight``) translated with :func:`lukemelas_module_table`. Every tensor must land on a key
+    of the model with the same shape and every key of the model must get one, else a WeightsError names
+    the first that does not. A file without the classifier removes the model's."""
+    table = lukemelas_module_table(model) if "_conv_stem.weight" in state else None
+    source = {}  # model key → file key
+    for key in state:
+        name = key if table is None else lukemelas_to_timm(key, table)
+        if name is None:
+            raise WeightsError(f"weights file {path} does not match backbone {backbone}: file key {key} "
+                               f"{tuple(state[key].shape)} has no counterpart in {backbone}")
+        source[name] = key
+    head = model.pretrained_cfg.get("classifier")
+    if head and not any(name.startswith(f"{head}.") for name in source):
+        model.reset_classifier(0)
     target = model.state_dict()
-    if set(state) == set(target):
-        mismatched = [k for k in target if state[k].shape != target[k].shape]
-        if not mismatched:
-            return state
-        raise WeightsError(f"weights file {path} does not match backbone {backbone}: shape mismatch in "
-                           f"{len(mismatched)} tensors, e.g. {mismatched[0]} {tuple(state[mismatched[0]].shape)} "
-                           f"vs {tuple(target[mismatched[0]].shape)}")
-    if len(state) == len(target) and all(a.shape == b.shape for a, b in zip(state.values(), target.values())):
-        return dict(zip(target.keys(), state.values()))
-    missing = sorted(set(target) - set(state))
-    unexpected = sorted(set(state) - set(target))
-    raise WeightsError(f"weights file {path} does not match backbone {backbone}: {len(missing)} missing keys "
-                       f"(e.g. {missing[:2]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:2]})")
+    for name, key in source.items():
+        if name not in target or state[key].shape != target[name].shape:
+            expected = f"{name} {tuple(target[name].shape)}" if name in target else f"{name}, which it does not have"
+            raise WeightsError(f"weights file {path} does not match backbone {backbone}: file key {key} "
+                               f"{tuple(state[key].shape)} → {backbone} key {expected}")
+    missing = [name for name in target if name not in source]
+    if missing:
+        inverse = {ours: theirs for theirs, ours in (table or {}).items()}
+        module, _, tensor = missing[0].rpartition(".")
+        expected = f"{inverse[module]}.{tensor}" if module in inverse else missing[0]
+        raise WeightsError(f"weights file {path} does not match backbone {backbone}: {len(missing)} {backbone} "
+                           f"keys get no tensor, first {missing[0]} {tuple(target[missing[0]].shape)} (file key "
+                           f"{expected} is missing)")
+    return {name: state[key] for name, key in source.items()}
 
 
 def _is_vision_transformer(backbone: str) -> bool:
@@ -123,8 +180,8 @@ def _is_vision_transformer(backbone: str) -> bool:
 def build_backbone(backbone: str, weights: str) -> tuple[nn.Module, str]:
     """A timm model with its weights and a description of where they came from (hashed for files).
 
-    The classifier is removed after loading, so that weights files with or without a head load
-    strictly.
+    Weights files are matched to the model by name (:func:`_matched_state_dict`) and loaded strictly;
+    the classifier is removed after loading, so that files with or without a head load.
     """
     import timm
 
@@ -146,11 +203,7 @@ def build_backbone(backbone: str, weights: str) -> tuple[nn.Module, str]:
             source = "none"
             if weights != "none":
                 path = packaged_weights_file(backbone) if weights == "default" else os.path.expanduser(weights)
-                state = _read_state_dict(path)
-                head = model.pretrained_cfg.get("classifier")
-                if head and len(state) != len(model.state_dict()):
-                    model.reset_classifier(0)
-                model.load_state_dict(_matched_state_dict(state, model, path, backbone), strict=True)
+                model.load_state_dict(_matched_state_dict(_read_state_dict(path), model, path, backbone), strict=True)
                 source = f"file:{os.path.basename(path)}:sha256:{_file_sha256(path)[:16]}"
     except RuntimeError as error:
         if isinstance(error, WeightsError):
@@ -341,35 +394,93 @@ def unit_metadata(extractor: FeatureExtractor, config: Config, images: ImageList
     }
 
 
-def _array_path(stem: Path, name: str, partial: bool) -> Path:
-    return stem.with_name(f"{stem.name}.{name}{'.partial' if partial else ''}.npy")
+def _unit_file(stem: Path, suffix: str) -> Path:
+    return stem.with_name(f"{stem.name}.{suffix}")
+
+
+def _array_file(stem: Path, name: str, unit_id: str) -> Path:
+    """Array ``name`` of the extraction ``unit_id`` of a unit: every extraction writes files of its own."""
+    return _unit_file(stem, f"{name}.{unit_id}.npy")
+
+
+def _not_a_unit(meta_path: Path, why: str) -> None:
+    print(f"note: feature cache unit {meta_path} is not usable ({why}); rebuilding it")
 
 
 def read_unit(stem: Path, expected: dict) -> dict[str, np.ndarray] | None:
-    """The arrays of a complete unit (memory-mapped), None when absent; StaleCacheError on mismatch."""
-    meta_path = stem.with_suffix(".json")
-    if not meta_path.is_file():
+    """The arrays of a complete unit (memory-mapped), None when there is none.
+
+    A JSON that cannot be read, or whose arrays are missing or of another byte size, shape or dtype, is
+    no unit either: a one-line note says so and the caller rebuilds it. StaleCacheError when the unit
+    was built from something else than ``expected``.
+    """
+    meta_path = _unit_file(stem, "json")
+    try:
+        stored = json.loads(meta_path.read_text())
+    except FileNotFoundError:
         return None
-    stored = json.loads(meta_path.read_text())
-    differences = [k for k in expected if stored.get("meta", {}).get(k) != expected[k]]
+    except (OSError, ValueError) as error:
+        return _not_a_unit(meta_path, f"unreadable: {error}")
+    if not isinstance(stored, dict) or not isinstance(stored.get("meta"), dict):
+        return _not_a_unit(meta_path, "no metadata in it")
+    differences = [k for k in expected if stored["meta"].get(k) != expected[k]]
     if differences:
         raise StaleCacheError(f"feature cache {meta_path} is stale ({', '.join(differences)} changed); "
                               f"rerun with --refresh_cache (rebuilds this unit only), or delete {meta_path.parent}")
     arrays = {}
-    for name, shape in stored["arrays"].items():
-        path = _array_path(stem, name, partial=False)
-        if not path.is_file():
-            raise StaleCacheError(f"feature cache {path} is missing; rerun with --refresh_cache")
-        arrays[name] = np.load(path, mmap_mode="r")
-        if list(arrays[name].shape) != shape:
-            raise StaleCacheError(f"feature cache {path} has shape {arrays[name].shape}, expected {shape}; "
-                                  "rerun with --refresh_cache")
+    try:
+        for name, entry in stored["arrays"].items():
+            path = stem.parent / entry["file"]
+            if path.stat().st_size != entry["bytes"]:
+                return _not_a_unit(meta_path, f"{path.name} has {path.stat().st_size} bytes, not {entry['bytes']}")
+            arrays[name] = np.load(path, mmap_mode="r")
+            if list(arrays[name].shape) != entry["shape"] or arrays[name].dtype != np.float16:
+                return _not_a_unit(meta_path, f"{path.name} holds {arrays[name].dtype} {arrays[name].shape}, "
+                                              f"not float16 {entry['shape']}")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        return _not_a_unit(meta_path, f"{type(error).__name__}: {error}")
     return arrays
 
 
 def remove_unit(stem: Path) -> None:
-    for path in stem.parent.glob(f"{stem.name}.*"):
-        path.unlink()
+    """Delete a unit's files, its JSON first (a unit is never trusted half deleted), and the temporary files
+    of interrupted atomic writes; not its lock file, which the caller holds."""
+    _unit_file(stem, "json").unlink(missing_ok=True)
+    name = glob.escape(stem.name)
+    for path in [*stem.parent.glob(f"{name}.*"), *stem.parent.glob(f".{name}.*.tmp")]:
+        if path != _unit_file(stem, "lock"):
+            path.unlink(missing_ok=True)
+
+
+@contextmanager
+def unit_lock(stem: Path) -> Iterator[None]:
+    """Hold ``<unit>.lock`` (``fcntl.flock``, non-blocking) while writing the unit: a second process that
+    would write the same unit stops with a CacheError instead of interleaving its writes. The kernel
+    drops the lock when its holder ends, however it ends; the file is removed on release (a process
+    that opened it just before locks the removed file, sees that and retries on a new one)."""
+    path = _unit_file(stem, "lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            handle.close()
+            raise CacheError(f"cache unit {stem} is being written by another process (pid {owner}); wait for it "
+                             "or use another --cache_dir") from None
+        if path.exists() and path.stat().st_ino == os.fstat(handle.fileno()).st_ino:
+            break
+        handle.close()
+    try:
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        handle.close()
 
 
 def _check_disk(folder: Path, needed: int) -> None:
@@ -380,64 +491,130 @@ def _check_disk(folder: Path, needed: int) -> None:
                            "are free; pass --cache_dir on a larger disk, fewer --classes, or --cache false (cflow)")
 
 
-PROGRESS_SECONDS = 10.0  # how often an extraction flushes its arrays and records its progress
+# How often an extraction makes its rows durable and records its progress; ANOMALY_PROGRESS_SECONDS sets it.
+PROGRESS_SECONDS = float(os.environ.get("ANOMALY_PROGRESS_SECONDS", "10"))
+
+
+def _resumable(stem: Path, progress_path: Path, expected: dict, shapes: dict) -> dict | None:
+    """The progress record of an interrupted extraction of these images with these settings whose arrays are
+    all there at their recorded sizes; None when there is nothing to resume."""
+    try:
+        progress = json.loads(progress_path.read_text())
+        if progress["meta"] == expected and progress["arrays"] == shapes and all(
+                _array_file(stem, name, progress["id"]).stat().st_size == progress["bytes"][name] for name in shapes):
+            return progress
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _new_arrays(stem: Path, progress_path: Path, expected: dict, shapes: dict) -> dict:
+    """Create the arrays of a new extraction with their disk blocks allocated up front (a full disk fails here
+    with ENOSPC, not with a SIGBUS at a write through the memory map) and record them, 0 rows done."""
+    unit_id = uuid.uuid4().hex[:12]
+    sizes = {}
+    for name, shape in shapes.items():
+        path = _array_file(stem, name, unit_id)
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=tuple(shape))  # the header, a sparse file
+        if hasattr(os, "posix_fallocate"):  # Linux; elsewhere the file stays sparse
+            with open(path, "r+b") as handle:
+                os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+        sizes[name] = path.stat().st_size
+    progress = {"meta": expected, "arrays": shapes, "id": unit_id, "bytes": sizes, "done": 0}
+    atomic_write_json(progress_path, progress)  # fsyncs the folder: the arrays' names are durable too
+    return progress
+
+
+def _store_rows(arrays: dict[str, np.memmap], start: int, features: dict[str, Tensor], backbone: str,
+                desc: str) -> None:
+    """Write one batch's features as the float16 rows ``start:`` of the unit's arrays."""
+    for name, value in features.items():
+        value16 = value.float().cpu().numpy().astype(np.float16)
+        if not np.isfinite(value16).all():
+            raise CacheError(f"non-finite features from {backbone} in {desc} (float16 overflow or a broken "
+                             "backbone); check --weights")
+        arrays[name][start:start + len(value16)] = value16
 
 
 def _save_progress(arrays: dict[str, np.memmap], progress_path: Path, progress: dict) -> None:
-    """Make the rows written so far durable, then record how many there are (a flush after every batch
-    msyncs the whole memory map each time: about 10% of the CIFAR-10 extraction time)."""
+    """Make the rows written so far durable (msync, fsync), then record how many there are (a flush after every
+    batch msyncs the whole memory map each time: about 10% of the CIFAR-10 extraction time)."""
     for array in arrays.values():
         array.flush()
+        fsync_path(Path(array.filename))
     atomic_write_json(progress_path, progress)
+
+
+def _extract_rows(extractor: FeatureExtractor, images: ImageList, arrays: dict[str, np.memmap], progress: dict,
+                  progress_path: Path, config: Config, desc: str) -> None:
+    """Extract the images after ``progress["done"]`` into ``arrays``, recording the progress every
+    PROGRESS_SECONDS and when the loop ends, however it ends."""
+    saved_at = time.monotonic()
+    with tqdm(total=len(images), initial=progress["done"], desc=desc, unit="img", file=sys.stdout) as bar:
+        try:
+            for batch in image_batches(images, config, start=progress["done"]):
+                _store_rows(arrays, progress["done"], extractor(batch), config.backbone, desc)
+                progress["done"] += len(batch)
+                bar.update(len(batch))
+                if time.monotonic() - saved_at >= PROGRESS_SECONDS:
+                    _save_progress(arrays, progress_path, progress)
+                    saved_at = time.monotonic()
+        finally:  # also on an interruption or an error: the complete batches so far are kept for the resume
+            _save_progress(arrays, progress_path, progress)
+
+
+def _commit(stem: Path, progress: dict, progress_path: Path) -> None:
+    """Make durable extracted arrays a unit: write its JSON with each array's file, shape and byte size (fsynced,
+    atomic rename: the one step that makes the unit valid), then drop the progress record and any arrays of
+    an earlier extraction."""
+    files = {name: _array_file(stem, name, progress["id"]) for name in progress["arrays"]}
+    atomic_write_json(_unit_file(stem, "json"), {"meta": progress["meta"], "arrays": {
+        name: {"file": path.name, "shape": progress["arrays"][name], "bytes": path.stat().st_size}
+        for name, path in files.items()}})
+    progress_path.unlink()
+    kept = set(files.values())
+    for path in stem.parent.glob(f"{glob.escape(stem.name)}.*.npy"):
+        if path not in kept:
+            path.unlink()
+    fsync_path(stem.parent)
 
 
 def extract_unit(extractor: FeatureExtractor, images: ImageList, stem: Path, config: Config,
                  desc: str) -> dict[str, np.ndarray]:
-    """Extract ``images`` into the unit ``stem``, resuming a matching partial extraction."""
+    """Extract ``images`` into the unit ``stem`` (the caller holds its lock), resuming a matching interrupted
+    extraction.
+
+    A kill at any moment leaves the complete unit, or arrays with a progress record that the next run
+    resumes from, or files without one that it deletes: the arrays carry the extraction's id in their
+    names and are never renamed; the JSON, written last, is the only thing that makes them a unit.
+    A full disk ends with a CacheError; what was extracted stays for the resume.
+    """
     expected = unit_metadata(extractor, config, images)
-    progress_path = stem.with_name(f"{stem.name}.progress.json")
+    progress_path = _unit_file(stem, "progress.json")
     probe = {k: v[0] for k, v in extractor(next(image_batches(images, config, batch_size=1))).items()}
     shapes = {name: [len(images), *value.shape] for name, value in probe.items()}
-    done = 0
-    if progress_path.is_file():
-        progress = json.loads(progress_path.read_text())
-        if progress.get("meta") == expected and progress.get("arrays") == shapes:
-            done = progress["done"]
-    if done == 0:
-        remove_unit(stem)
-        _check_disk(stem.parent, sum(int(np.prod(s)) * 2 for s in shapes.values()))
-    arrays = {name: np.lib.format.open_memmap(_array_path(stem, name, partial=True), mode="r+" if done else "w+",
-                                              dtype=np.float16, shape=tuple(shape))
-              for name, shape in shapes.items()}
-    saved_at = time.monotonic()
-    with tqdm(total=len(images), initial=done, desc=desc, unit="img", file=sys.stdout) as bar:
-        try:
-            for batch in image_batches(images, config, start=done):
-                for name, value in extractor(batch).items():
-                    value16 = value.float().cpu().numpy().astype(np.float16)
-                    if not np.isfinite(value16).all():
-                        raise CacheError(f"non-finite features from {config.backbone} in {desc} (float16 overflow "
-                                         "or a broken backbone); check --weights")
-                    arrays[name][done:done + len(batch)] = value16
-                done += len(batch)
-                bar.update(len(batch))
-                if time.monotonic() - saved_at >= PROGRESS_SECONDS:
-                    _save_progress(arrays, progress_path, {"meta": expected, "arrays": shapes, "done": done})
-                    saved_at = time.monotonic()
-        finally:  # also on an interruption: the complete batches so far are kept for the resume
-            _save_progress(arrays, progress_path, {"meta": expected, "arrays": shapes, "done": done})
-    names = list(arrays)
-    arrays.clear()  # close the memory maps before renaming
-    for name in names:
-        os.replace(_array_path(stem, name, partial=True), _array_path(stem, name, partial=False))
-    atomic_write_json(stem.with_suffix(".json"), {"meta": expected, "arrays": shapes})
-    progress_path.unlink()
+    progress = _resumable(stem, progress_path, expected, shapes)
+    try:
+        if progress is None:
+            remove_unit(stem)
+            _check_disk(stem.parent, sum(int(np.prod(s)) * 2 for s in shapes.values()))
+            progress = _new_arrays(stem, progress_path, expected, shapes)
+        arrays = {name: np.lib.format.open_memmap(_array_file(stem, name, progress["id"]), mode="r+")
+                  for name in shapes}
+        _extract_rows(extractor, images, arrays, progress, progress_path, config, desc)
+        _commit(stem, progress, progress_path)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise CacheError(f"no space left for the feature cache in {stem.parent}: free disk space there or pass "
+                         "--cache_dir on a larger disk (the images extracted so far resume on the next run)") from None
     return read_unit(stem, expected)
 
 
 def cached_features(extractor: FeatureExtractor, images: ImageList, key: str, config: Config,
                     desc: str | None = None) -> dict[str, np.ndarray]:
-    """The features of ``images`` from the cache unit ``key``, extracted first where missing."""
+    """The features of ``images`` from the cache unit ``key``, extracted first (holding the unit's lock) where
+    missing, incomplete, or stale with ``refresh_cache``."""
     stem = cache_folder(config) / key
     expected = unit_metadata(extractor, config, images)
     try:
@@ -445,10 +622,10 @@ def cached_features(extractor: FeatureExtractor, images: ImageList, key: str, co
     except StaleCacheError:
         if not config.refresh_cache:
             raise
-        remove_unit(stem)
         arrays = None
     if arrays is None:
-        arrays = extract_unit(extractor, images, stem, config, desc or key)
+        with unit_lock(stem):
+            arrays = extract_unit(extractor, images, stem, config, desc or key)
     return arrays
 
 

@@ -567,10 +567,12 @@ class SANFDetector(_TokenDetector):
 
     def _build(self, dim: int, n_tokens: int, texture_dim: int) -> None:
         config = self.config
-        try:
-            model = SANFModel(dim, n_tokens, n_layers=config.n_flow_layers, hidden=config.hidden, heads=config.heads,
-                              clamp=config.clamp, context=config.caff_context, fusion=config.fusion == "caff",
-                              seed=config.seed, token_dim=config.token_dim, texture_dim=texture_dim)
+        try:  # seeded here: the subnets' initial weights do not depend on which classes ran before
+            with _seeded_cpu_rngs(config.seed):
+                model = SANFModel(dim, n_tokens, n_layers=config.n_flow_layers, hidden=config.hidden,
+                                  heads=config.heads, clamp=config.clamp, context=config.caff_context,
+                                  fusion=config.fusion == "caff", seed=config.seed, token_dim=config.token_dim,
+                                  texture_dim=texture_dim)
         except ValueError as error:  # shapes that do not fit the flow's settings (heads, token_dim)
             raise ConfigError(str(error)) from None
         self.model = model.to(config.device)

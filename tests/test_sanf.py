@@ -206,7 +206,7 @@ def test_corrupt_image_ends_with_one_line_naming_it_and_no_trusted_cache(tmp_pat
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "2.png" in result.stderr
     assert not (tmp_path / "results").exists()
-    assert not [path for path in (tmp_path / "cache").rglob("*.npy") if ".partial" not in path.name]
+    assert not [path for path in (tmp_path / "cache").rglob("*.json") if not path.name.endswith(".progress.json")]
 
 
 def test_cifar10_real_data_reaches_auroc(cifar10_root, tmp_path):
