@@ -55,6 +55,11 @@ class FileLoader:
         path = self.paths[position]
         try:
             with Image.open(path) as image:
+                if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+                    # 16-bit grayscale: Pillow's convert("RGB") clips at 255 (a white picture); scale 0..65535
+                    # to 0..255 instead (v * 257 -> v exactly)
+                    pixels = np.asarray(image, dtype=np.float64).clip(0, 65535) / 257.0
+                    return Image.fromarray(np.rint(pixels).astype(np.uint8), "L").convert("RGB")
                 return image.convert("RGB")
         except (OSError, UnidentifiedImageError, ValueError) as error:
             raise DataError(f"cannot read image {path} ({error}); remove or replace the file") from None
@@ -348,18 +353,40 @@ def _defect_task(name: str, root: Path, masks_required: bool, key_prefix: str) -
             else:
                 masks.append(None)
                 missing_masks.append(os.path.relpath(path, root))
-    if not train_paths or not test_paths:
-        raise DataError(f"no images under {train_folder} or {root / 'test'}")
+    if not train_paths:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {train_folder}: put the normal training "
+                        "images there")
+    if not test_paths:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the subfolders of {root / 'test'}: put the "
+                        "test images in test/good/ and test/<defect>/")
     if missing_masks and (masks_required or has_ground_truth):
         shown = ", ".join(missing_masks[:5]) + (" ..." if len(missing_masks) > 5 else "")
         raise DataError(f"{len(missing_masks)} defective test image(s) of '{name}' have no mask "
                         f"ground_truth/<defect>/<name>_mask.png: {shown}")
+    for image_path, mask_path in zip(test_paths, masks):
+        if mask_path is not None:
+            _check_mask_size(mask_path, image_path)
     train = ImageList.create([os.path.relpath(p, root) for p in train_paths], [0] * len(train_paths),
                              FileLoader(train_paths))
     test = ImageList.create([os.path.relpath(p, root) for p in test_paths], labels, FileLoader(test_paths))
     with_masks = has_ground_truth or masks_required
     return Task(name, train, test, np.asarray(labels), tuple(masks) if with_masks else None,
                 f"{key_prefix}train", f"{key_prefix}test")
+
+
+def _check_mask_size(mask_path: str, image_path: str) -> None:
+    """A mask must have its image's size (only the headers are read): one of another size is almost always
+    the mask of another image, which a silent resize would turn into wrong pixel metrics."""
+    sizes = []
+    for kind, path in (("mask", mask_path), ("image", image_path)):
+        try:
+            with Image.open(path) as image:
+                sizes.append(image.size)
+        except (OSError, UnidentifiedImageError, ValueError) as error:
+            raise DataError(f"cannot read {kind} {path} ({error}); remove or replace the file") from None
+    if sizes[0] != sizes[1]:
+        raise DataError(f"mask {mask_path} is {sizes[0][0]}x{sizes[0][1]} px but its image {image_path} is "
+                        f"{sizes[1][0]}x{sizes[1][1]} px; replace the mask with the one of that image")
 
 
 def _is_defect_folder(folder: Path) -> bool:
