@@ -24,7 +24,6 @@ the sum is subtracted from:
 
 from collections.abc import Iterable
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -33,8 +33,10 @@ excluded) and, like ours with ``cache=false``, includes decoding the images with
 workers; ours includes its held-out NLL pass. Ours runs twice: with the feature cache (the default workflow;
 the one-time extraction is reported apart) and with ``cache=false`` (the backbone on every batch, like
 anomalib). Besides wall-clock seconds, the table gives the process CPU seconds (all threads) of the training
-epoch and of the test scoring, which jobs sharing the machine change less (ours: measured around
-``model.train_cflow`` and the test ``CFlowDetector.score`` call, wrapped in its child process).
+epoch and of the test scoring (ours: measured around ``model.train_cflow`` and the test
+``CFlowDetector.score`` call, wrapped in its child process). With other jobs on the machine neither is clean:
+the wall clock counts the time the process waits, and with more than one thread the CPU seconds count the
+OpenMP threads' spin-waiting for each other; ``--threads 1`` makes the CPU seconds the work done.
 """
 
 from __future__ import annotations
@@ -303,8 +305,8 @@ def header(config: Config, peer: dict[str, Any], cached: dict[str, Any]) -> str:
             f"(val_fraction {config.val_fraction:g}, for the kept epoch and the threshold) and fits on "
             f"{cached['n_fit']}. Our maps normalised on {config.map_norm}; metrics of both sides by our metrics.py "
             f"against our masks. torch threads: anomalib {peer['threads']}, ours {cached['threads']}; "
-            f"{config.num_workers} loader workers. CPU seconds are the process's (all threads): other jobs on the "
-            f"machine change them less than the wall-clock rows.")
+            f"{config.num_workers} loader workers. CPU seconds are the process's, all threads (with other jobs "
+            f"on the machine and more than one thread they include spin-waiting).")
 
 
 def main() -> None:

@@ -26,8 +26,9 @@ image per call from an exported model, which would compare batch size 1 with our
 Each side runs in its own process (``peer_anomalib.in_child``) with the same torch thread count. Model
 construction, the backbone's TorchScript trace (ours) and a warm-up pass over the first two batches (the
 TorchScript profiling executor optimises on its second call) are left out of the timed passes on both sides.
-Besides wall-clock images/s the table gives images per process CPU second (all threads), which other jobs on
-the machine change less.
+Besides wall-clock images/s the table gives images per process CPU second (all threads); with other jobs on
+the machine and more than one thread those include the OpenMP threads' spin-waiting (``--threads 1`` makes
+them the work done).
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ def header(config: Config, images: int, peer: dict[str, Any], mine: dict[str, An
             f"anomalib: {peer['origin']}, post-processing and visualiser off. Untimed setup (model, weights, "
             f"trace): anomalib {peer['setup_seconds']:.1f} s, ours {mine['setup_seconds']:.1f} s; two warm-up batches "
             f"before each timed pass. images / s is wall clock; images / CPU s counts the process's CPU seconds "
-            f"(all threads), which other jobs on the machine change less.")
+            f"(all threads; with other jobs on the machine and more than one thread they include spin-waiting).")
 
 
 def parse(argv: list[str]) -> tuple[Config, str | None, int]:
