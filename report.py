@@ -39,8 +39,9 @@ def save_histogram(scores: np.ndarray, labels: np.ndarray, title: str, path: Pat
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(5, 3.2))
     bins = np.histogram_bin_edges(scores, bins=60)
-    axis.hist(scores[labels == 0], bins=bins, alpha=0.6, density=True, label="normal")
-    axis.hist(scores[labels == 1], bins=bins, alpha=0.6, density=True, label="anomalous")
+    for value, name in ((0, "normal"), (1, "anomalous")):
+        if (labels == value).any():  # a test split may hold one label only
+            axis.hist(scores[labels == value], bins=bins, alpha=0.6, density=True, label=name)
     axis.set_xlabel("anomaly score")
     axis.set_title(title, fontsize=9)
     axis.legend()
