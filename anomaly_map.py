@@ -1,14 +1,26 @@
 """Anomaly maps and image scores from CFLOW-AD's per-stage log-likelihood maps.
 
-Per stage l, the map of log p / C (see ``model.CFlowModel.stage_log_likelihood_maps``) is
-shifted by a reference value, exponentiated, upsampled bilinearly to the image size
-(align_corners=True, official code) and summed over stages; the anomaly map is a constant
-minus that sum, and an image's score is the maximum of its anomaly map. Computation is in
+A scoring rule (``ScoringRule``, the ``scoring`` setting) says how the stages' maps of log p / C
+(see ``model.CFlowModel.stage_log_likelihood_maps``) become one anomaly map and one image score:
+
+- merge ``exp`` (the paper, official code, anomalib): per stage, log p / C is shifted by a
+  reference value, exponentiated, upsampled bilinearly to the image size (align_corners=True)
+  and summed over stages; the anomaly map is a constant minus that sum. Stages whose
+  likelihoods are spread wide are squashed by the exponential; the sharpest stage dominates.
+- merge ``z``: per stage, (mean - log p / C) / std with the mean and standard deviation of the
+  training fibers' values, upsampled and averaged over stages: every stage weighs the same in
+  units of its own normal variation.
+- image score ``max`` (the paper) is the maximum of the map; ``topK`` the mean of its K% highest
+  pixels (robust to one bright pixel, favours defects of some extent).
+- stages: all (default) or a subset, e.g. ``z/top1@blocks.1+blocks.2``.
+
+``scoring auto`` (``select_scoring``) picks the rule on held-out normal *training* images and
+synthetic defects made from them (``synthetic.py``); no test image is read. Computation is in
 float64, as the official code and anomalib (exp of very negative log-likelihoods underflows
 later than in float32).
 
-Normalisation (``normalization``), i.e. which reference is subtracted and which constant
-the sum is subtracted from:
+Normalisation of the ``exp`` merge (``normalization``), i.e. which reference is subtracted and
+which constant the sum is subtracted from (the ``z`` merge always uses training statistics):
 
 - ``"train"`` (default): the reference of stage l is the maximum of log p / C over all
   *training* fibers (``reference_from_training``), and the anomaly map is
@@ -22,36 +34,90 @@ the sum is subtracted from:
   batch it was scored in and on the batch size (anomalib issues 450 and 568, PR 589).
 """
 
-from collections.abc import Iterable
+from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 NORMALIZATIONS = ("train", "test", "batch")
+MERGES = ("exp", "z")
+IMAGE_SCORES = ("max", "top1", "top10")
+StageStatistics = dict[str, dict[str, float]]
+"""Per stage name: ``max``, ``mean`` and ``std`` of log p / C over the training fibers."""
 
 
-def reference_from_training(maps: Iterable[dict[str, Tensor]]) -> dict[str, float]:
-    """Per-stage maximum of log p / C over all training fibers.
+@dataclass(frozen=True)
+class ScoringRule:
+    """How stage maps become an anomaly map and an image score; written ``merge/score[@stage+stage]``."""
+
+    merge: str = "exp"
+    image_score: str = "max"
+    stages: tuple[str, ...] = ()
+    """The stages merged; empty = all of them."""
+
+    def __post_init__(self) -> None:
+        if self.merge not in MERGES:
+            raise ValueError(f"unknown merge {self.merge!r} in scoring rule; choose from {MERGES}")
+        if self.image_score not in IMAGE_SCORES:
+            raise ValueError(f"unknown image score {self.image_score!r} in scoring rule; choose from {IMAGE_SCORES}")
+
+    @classmethod
+    def parse(cls, text: str) -> ScoringRule:
+        """``exp/max``, ``z/top1``, ``z/max@blocks.1+blocks.2``."""
+        rule, _, stages = text.partition("@")
+        merge, slash, image_score = rule.partition("/")
+        if not slash:
+            raise ValueError(f"scoring rule {text!r} is not of the form merge/score[@stage+stage], e.g. exp/max")
+        return cls(merge.strip(), image_score.strip(), tuple(s.strip() for s in stages.split("+") if s.strip()))
+
+    def __str__(self) -> str:
+        return f"{self.merge}/{self.image_score}" + (f"@{'+'.join(self.stages)}" if self.stages else "")
+
+    def selected(self, stage_maps: dict[str, Tensor]) -> dict[str, Tensor]:
+        if not self.stages:
+            return stage_maps
+        missing = [stage for stage in self.stages if stage not in stage_maps]
+        if missing:
+            raise ValueError(f"scoring rule {self} names stages {missing} that the model does not have "
+                             f"({sorted(stage_maps)})")
+        return {stage: stage_maps[stage] for stage in self.stages}
+
+
+def stage_statistics(maps: Iterable[dict[str, Tensor]]) -> StageStatistics:
+    """Per-stage maximum, mean and standard deviation of log p / C over all training fibers.
 
     Args:
         maps: per training batch, Tensor (B, H_l, W_l) of log p / C per stage name
             (the output of ``CFlowModel.stage_log_likelihood_maps``).
 
-    Returns:
-        The maximum per stage name, over all batches.
-
     Raises:
         ValueError: if ``maps`` is empty or the batches do not have the same stages.
     """
-    reference: dict[str, float] = {}
+    sums: dict[str, list[float]] = {}
     for batch_maps in maps:
-        if reference and batch_maps.keys() != reference.keys():
-            raise ValueError(f"stages {sorted(batch_maps)} differ from earlier batches' {sorted(reference)}")
+        if sums and batch_maps.keys() != sums.keys():
+            raise ValueError(f"stages {sorted(batch_maps)} differ from earlier batches' {sorted(sums)}")
         for stage, log_likelihood in batch_maps.items():
-            reference[stage] = max(reference.get(stage, -float("inf")), log_likelihood.max().item())
-    if not reference:
+            values = log_likelihood.double()
+            total = sums.setdefault(stage, [-float("inf"), 0.0, 0.0, 0])
+            total[0] = max(total[0], values.max().item())
+            total[1] += values.sum().item()
+            total[2] += values.square().sum().item()
+            total[3] += values.numel()
+    if not sums:
         raise ValueError("no training maps given")
-    return reference
+    statistics = {}
+    for stage, (maximum, total, squares, count) in sums.items():
+        mean = total / count
+        std = max((squares / count - mean * mean), 0.0) ** 0.5
+        statistics[stage] = {"max": maximum, "mean": mean, "std": max(std, 1e-12)}
+    return statistics
 
 
 class AnomalyMapGenerator:
@@ -59,64 +125,142 @@ class AnomalyMapGenerator:
 
     Args:
         image_size: (H, W) of the anomaly maps.
-        normalization: ``"train"``, ``"test"`` or ``"batch"``; see the module docstring.
-        reference: for ``"train"`` only, the per-stage maximum of log p / C over the training
-            fibers (``reference_from_training``).
+        normalization: ``"train"``, ``"test"`` or ``"batch"`` (the ``exp`` merge); see the module docstring.
+        statistics: the training fibers' statistics per stage (``stage_statistics``); needed by
+            ``"train"`` and by the ``z`` merge.
+        rule: the scoring rule (default: the paper's, ``exp/max``).
 
     Raises:
-        ValueError: for an unknown ``normalization``, or a ``reference`` missing with
-            ``"train"`` or given with another normalisation.
+        ValueError: for an unknown ``normalization``, or ``statistics`` missing where needed.
     """
 
     def __init__(
         self,
         image_size: tuple[int, int],
         normalization: str = "train",
-        reference: dict[str, float] | None = None,
+        statistics: StageStatistics | None = None,
+        rule: ScoringRule = ScoringRule(),
     ) -> None:
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-        if (normalization == "train") != (reference is not None):
-            raise ValueError('a reference is needed with normalization="train", and only then')
+        if statistics is None and (rule.merge == "z" or (rule.merge == "exp" and normalization == "train")):
+            raise ValueError(f'training statistics are needed with normalization="train" or the z merge ({rule})')
         self.image_size = image_size
         self.normalization = normalization
-        self.reference = reference
+        self.statistics = statistics
+        self.rule = rule
 
     def __call__(self, stage_maps: dict[str, Tensor]) -> Tensor:
         """Anomaly maps of a set of images.
 
         Args:
-            stage_maps: Tensor (B, H_l, W_l) of log p / C per stage name. With ``"test"``,
-                B must be the whole test set.
+            stage_maps: Tensor (B, H_l, W_l) of log p / C per stage name. With ``"test"`` (and the
+                ``exp`` merge), B must be the whole test set.
 
         Returns:
             Tensor (B, H, W), float64.
 
         Raises:
-            ValueError: if ``stage_maps`` is empty.
+            ValueError: if ``stage_maps`` is empty or lacks a stage of the rule or of the statistics.
         """
         if not stage_maps:
             raise ValueError("no stage maps given")
-        summed = sum(self._upsampled_likelihood(stage, log_likelihood) for stage, log_likelihood in stage_maps.items())
+        stage_maps = self.rule.selected(stage_maps)
+        if self.rule.merge == "z":
+            return sum(self._upsampled(self._standardised(stage, ll)) for stage, ll in stage_maps.items()) / len(
+                stage_maps)
+        summed = sum(self._upsampled(self._shifted(stage, ll).exp()) for stage, ll in stage_maps.items())
         if self.normalization == "train":
             return len(stage_maps) - summed
         return summed.max() - summed
 
-    def _upsampled_likelihood(self, stage: str, log_likelihood: Tensor) -> Tensor:
-        """exp(log p / C - reference), (B, H_l, W_l) -> (B, H, W), float64."""
+    def _stage_statistics(self, stage: str) -> dict[str, float]:
+        if stage not in self.statistics:
+            raise ValueError(f"no training statistics for stage {stage!r}")
+        return self.statistics[stage]
+
+    def _shifted(self, stage: str, log_likelihood: Tensor) -> Tensor:
+        """log p / C minus the reference of the normalisation, float64."""
         log_likelihood = log_likelihood.double()
         if self.normalization == "train":
-            if stage not in self.reference:
-                raise ValueError(f"no training reference for stage {stage!r}")
-            shifted = log_likelihood - self.reference[stage]
-        else:
-            shifted = log_likelihood - log_likelihood.max()
-        upsampled = F.interpolate(
-            shifted.exp().unsqueeze(1), size=self.image_size, mode="bilinear", align_corners=True
-        )
-        return upsampled.squeeze(1)
+            return log_likelihood - self._stage_statistics(stage)["max"]
+        return log_likelihood - log_likelihood.max()
 
-    @staticmethod
-    def image_scores(anomaly_maps: Tensor) -> Tensor:
-        """Image anomaly scores, Tensor (B, H, W) -> (B,): the maximum of each map (official, anomalib)."""
-        return anomaly_maps.amax(dim=(-2, -1))
+    def _standardised(self, stage: str, log_likelihood: Tensor) -> Tensor:
+        """(mean - log p / C) / std of the training fibers, float64: higher = less likely."""
+        statistics = self._stage_statistics(stage)
+        return (statistics["mean"] - log_likelihood.double()) / statistics["std"]
+
+    def _upsampled(self, stage_map: Tensor) -> Tensor:
+        """(B, H_l, W_l) -> (B, H, W), bilinear with align_corners=True (official code)."""
+        return F.interpolate(stage_map.unsqueeze(1), size=self.image_size, mode="bilinear",
+                             align_corners=True).squeeze(1)
+
+    def image_scores(self, anomaly_maps: Tensor) -> Tensor:
+        """Image anomaly scores, Tensor (B, H, W) -> (B,), under the rule's image score."""
+        return image_scores(anomaly_maps, self.rule.image_score)
+
+
+def image_scores(anomaly_maps: Tensor, how: str = "max") -> Tensor:
+    """(B, H, W) -> (B,): the maximum of each map (official, anomalib) or the mean of its top K% pixels."""
+    flat = anomaly_maps.flatten(1)
+    if how == "max":
+        return flat.amax(dim=1)
+    if how not in IMAGE_SCORES:
+        raise ValueError(f"unknown image score {how!r}; choose from {IMAGE_SCORES}")
+    count = max(1, round(flat.shape[1] * int(how[3:]) / 100))
+    return flat.topk(count, dim=1).values.mean(dim=1)
+
+
+def candidate_rules(stages: Sequence[str]) -> list[ScoringRule]:
+    """What ``scoring auto`` chooses from: every merge and image score, over all the stages and
+    every subset that leaves one stage out (the paper's rule first: it wins ties)."""
+    subsets = [()] + ([tuple(s) for s in itertools.combinations(stages, len(stages) - 1)] if len(stages) > 1 else [])
+    return [ScoringRule(merge, score, subset) for subset in subsets for merge in MERGES for score in IMAGE_SCORES]
+
+
+def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve by ranks (ties averaged), for large pixel sets."""
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    boundaries = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1, len(scores)]
+    for start, stop in zip(boundaries[:-1], boundaries[1:]):
+        ranks[order[start:stop]] = (start + stop + 1) / 2
+    positives = labels.astype(bool)
+    n_pos, n_neg = positives.sum(), (~positives).sum()
+    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def select_scoring(normal_maps: dict[str, Tensor], defect_maps: dict[str, Tensor], defect_masks: Tensor,
+                   statistics: StageStatistics, image_size: tuple[int, int],
+                   candidates: Sequence[ScoringRule], pixel_stride: int = 4) -> tuple[ScoringRule, list[dict]]:
+    """The rule that best separates defective from normal training images, and every candidate's figures.
+
+    Args:
+        normal_maps, defect_maps: log p / C per stage of held-out normal training images and of
+            synthetic defects made from them (nothing from a test split).
+        defect_masks: bool (D, H, W) at ``image_size``, the synthetic defects' masks.
+        statistics: the fit images' ``stage_statistics``.
+        candidates: the rules to compare, preferred first (ties go to the earlier).
+        pixel_stride: pixel AUROC on every ``pixel_stride``-th row and column (a plain subsample).
+
+    Returns:
+        The chosen rule (highest image AUROC + pixel AUROC on the synthetic set) and one row per
+        candidate: ``rule``, ``image_auroc``, ``pixel_auroc``.
+    """
+    stages = list(normal_maps)
+    both = {stage: torch.cat([normal_maps[stage], defect_maps[stage]]) for stage in stages}
+    n_normal = len(normal_maps[stages[0]])
+    labels = np.r_[np.zeros(n_normal), np.ones(len(defect_masks))]
+    masks = torch.cat([torch.zeros(n_normal, *defect_masks.shape[1:], dtype=torch.bool), defect_masks.bool()])
+    pixel_labels = masks[:, ::pixel_stride, ::pixel_stride].numpy().ravel()
+    rows = []
+    for rule in candidates:
+        generator = AnomalyMapGenerator(image_size, "train", statistics, rule)
+        maps = generator(both)
+        rows.append({"rule": str(rule),
+                     "image_auroc": _auroc(labels, generator.image_scores(maps).numpy()),
+                     "pixel_auroc": _auroc(pixel_labels, maps[:, ::pixel_stride, ::pixel_stride].numpy().ravel())})
+    best = max(range(len(rows)), key=lambda i: (rows[i]["image_auroc"] + rows[i]["pixel_auroc"], -i))
+    return candidates[best], rows

@@ -111,6 +111,12 @@ class Config:
     map_norm: str = _opt("cflow", "train", "map normalisation: train statistics (scores independent of the test "
                          "set), test (official: max over the whole test set), batch (anomalib: per batch)",
                          ("train", "test", "batch"))
+    scoring: str = _opt("cflow", "exp/max", "how stage maps become one anomaly map and an image score (anomaly_map.py): "
+                        "merge/score[@stage+stage]; merge exp (the paper: sum of exp(log p) over stages) or z (stages "
+                        "standardised on training fibers, averaged); score max (the paper) or topK (mean of the K% "
+                        "highest pixels, K in 1, 10); auto: chosen after training on held-out normal training images "
+                        "and synthetic defects made from them (synthetic.py), never on a test split. The official "
+                        "rule is exp/max with --map_norm test, anomalib's exp/max with --map_norm batch")
     test_batch_size: int = _opt("cflow", 32, "images per scoring batch")
     n_figure_images: int = _opt("cflow", 6, "test images drawn in each category's figure")
     save_maps: bool = _opt("cflow", False, "write every test image's anomaly map (.npy, float16) under the results "
@@ -289,6 +295,16 @@ def validate(config: Config) -> None:
         raise ConfigError(f"condition_dims must be a multiple of 4, got {config.condition_dims}")
     if config.method == "cflow" and not config.layer_list():
         raise ConfigError("method=cflow needs --layers (backbone module names, comma-separated)")
+    if config.scoring != "auto":
+        from anomaly_map import ScoringRule  # torch-free parsing would duplicate the rule's grammar
+
+        try:
+            rule = ScoringRule.parse(config.scoring)
+        except ValueError as error:
+            raise ConfigError(f"--scoring: {error}") from None
+        extra = [stage for stage in rule.stages if stage not in config.layer_list()]
+        if config.method == "cflow" and extra:
+            raise ConfigError(f"--scoring names stages {extra} that --layers ({config.layers}) does not extract")
 
 
 def _read_config_file(path: str) -> dict[str, Any]:

@@ -100,11 +100,11 @@ def evaluate(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | None,
 
 
 def fit_or_load(config: Config, task: Task, extractor: FeatureExtractor, features: SplitFeatures,
-                checkpoint: Path) -> Detector:
+                held_index: np.ndarray, checkpoint: Path) -> Detector:
     if config.eval_only:
         return load_detector(checkpoint, config, extractor)
     detector = build_detector(config, extractor)
-    detector.fit(features[0], features[1], task.name)
+    detector.fit(features[0], features[1], task.name, task.train.subset(held_index))
     detector.save(checkpoint)
     return detector
 
@@ -127,7 +127,7 @@ def run_task(config: Config, task: Task, extractor: FeatureExtractor, folder: Pa
     else:
         features = token_features(config, task, extractor, fit_index, held_index, shared_test)
     feature_seconds = time.perf_counter() - started
-    detector = fit_or_load(config, task, extractor, features, folder / "checkpoints" / f"{task.name}.pt")
+    detector = fit_or_load(config, task, extractor, features, held_index, folder / "checkpoints" / f"{task.name}.pt")
     started = time.perf_counter()
     scores, maps = detector.score(features[2])
     score_seconds = time.perf_counter() - started

@@ -33,12 +33,14 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 from tqdm import tqdm
 
-from anomaly_map import AnomalyMapGenerator, reference_from_training
+from anomaly_map import (AnomalyMapGenerator, ScoringRule, StageStatistics, candidate_rules, select_scoring,
+                         stage_statistics)
 from baselines import GaussianScorer, KNNScorer
 from config import Config, ConfigError
 from datasets import ImageList
 from extractor import FeatureExtractor, image_batches
 from fusion import build_sanf_flow
+from synthetic import synthetic_defects
 from train import TrainingError, train_cflow, train_sanf
 from utils import atomic_torch_save, shrunk_covariance
 
@@ -351,14 +353,14 @@ class SANFModel(nn.Module):
 
 # ----------------------------------------------------------------------------- detectors
 
-DETECTOR_FORMAT = "nf-anomaly-detector/1"
+DETECTOR_FORMAT = "nf-anomaly-detector/2"
 COMMON_SCORE_FIELDS = ("method", "backbone", "img_size")
 SCORE_FIELDS: dict[str, tuple[str, ...]] = {
     "sanf": ("patch_grid", "texture_layers", "token_norm", "fusion", "caff_context", "n_flow_layers", "token_dim",
              "hidden", "heads", "clamp", "score"),
     "knn": ("token_norm", "knn_k"),
     "gaussian": ("token_norm", "gaussian_shrinkage"),
-    "cflow": ("layers", "condition_dims", "n_flow_layers", "clamp", "permute_soft", "map_norm"),
+    "cflow": ("layers", "condition_dims", "n_flow_layers", "clamp", "permute_soft", "map_norm", "scoring"),
 }
 """Settings that change a trained detector's scores, per method: a checkpoint refuses other values."""
 
@@ -464,9 +466,12 @@ class Detector:
             self.weights_source = extractor.weights_source
         return self._extractor
 
-    def fit(self, fit: Any, held_out: Any | None, name: str) -> dict[str, Any]:
-        """Train on the fit images' features; set the threshold from the held-out ones (see the class doc)."""
-        self.info = self._fit(fit, held_out, name)
+    def fit(self, fit: Any, held_out: Any | None, name: str, held_out_images: ImageList | None = None) -> dict[str, Any]:
+        """Train on the fit images' features; set the threshold from the held-out ones (see the class doc).
+
+        ``held_out_images`` are the held-out images themselves (CFLOW ``scoring auto`` makes defective
+        copies of them)."""
+        self.info = self._fit(fit, held_out, name, held_out_images)
         reference = fit if held_out is None or self.count(held_out) == 0 else held_out
         scores = self.score(reference)[0]
         quantile = 1.0 - self.config.threshold_fpr
@@ -504,7 +509,7 @@ class Detector:
     def count(self, features: Any) -> int:
         return len(features)
 
-    def _fit(self, fit: Any, held_out: Any | None, name: str) -> dict[str, Any]:
+    def _fit(self, fit: Any, held_out: Any | None, name: str, held_out_images: ImageList | None) -> dict[str, Any]:
         raise NotImplementedError
 
     def score(self, features: Any) -> tuple[np.ndarray, np.ndarray | None]:
@@ -577,7 +582,8 @@ class SANFDetector(_TokenDetector):
             raise ConfigError(str(error)) from None
         self.model = model.to(config.device)
 
-    def _fit(self, fit: TokenFeatures, held_out: TokenFeatures | None, name: str) -> dict[str, Any]:
+    def _fit(self, fit: TokenFeatures, held_out: TokenFeatures | None, name: str,
+             held_out_images: ImageList | None = None) -> dict[str, Any]:
         tokens = self.normalised(fit)
         self._build(tokens["sem"].shape[1], tokens["patches"].shape[1], tokens["patches"].shape[2])
         self.model.fit_preprocessing(tokens["sem"], tokens["patches"])
@@ -607,7 +613,8 @@ class KNNDetector(_TokenDetector):
         super().__init__(config, extractor)
         self.scorer = KNNScorer(config.knn_k)
 
-    def _fit(self, fit: TokenFeatures, held_out: TokenFeatures | None, name: str) -> dict[str, Any]:
+    def _fit(self, fit: TokenFeatures, held_out: TokenFeatures | None, name: str,
+             held_out_images: ImageList | None = None) -> dict[str, Any]:
         self.scorer.fit(self.normalised(fit)["sem"])
         return {}
 
@@ -630,7 +637,8 @@ class GaussianDetector(_TokenDetector):
         super().__init__(config, extractor)
         self.scorer = GaussianScorer(config.gaussian_shrinkage)
 
-    def _fit(self, fit: TokenFeatures, held_out: TokenFeatures | None, name: str) -> dict[str, Any]:
+    def _fit(self, fit: TokenFeatures, held_out: TokenFeatures | None, name: str,
+             held_out_images: ImageList | None = None) -> dict[str, Any]:
         self.scorer.fit(self.normalised(fit)["sem"])
         return {"shrinkage": self.scorer.used_shrinkage}
 
@@ -646,14 +654,19 @@ class GaussianDetector(_TokenDetector):
 
 
 class CFlowDetector(Detector):
-    """CFLOW-AD: per-stage conditional flows → anomaly maps normalised as ``map_norm`` says."""
+    """CFLOW-AD: per-stage conditional flows → anomaly maps and image scores under a scoring rule.
+
+    The rule is ``scoring`` or, with ``scoring auto``, the one chosen after training on the held-out
+    normal training images and synthetic defects made from them (``anomaly_map.select_scoring``).
+    """
 
     method = "cflow"
 
     def __init__(self, config: Config, extractor: FeatureExtractor | None = None) -> None:
         super().__init__(config, extractor)
         self.model: CFlowModel | None = None
-        self.reference: dict[str, float] | None = None
+        self.statistics: StageStatistics | None = None
+        self.rule = ScoringRule() if config.scoring == "auto" else ScoringRule.parse(config.scoring)
 
     def build(self, stage_channels: dict[str, int]) -> None:
         """Fresh (untrained, seeded) decoders for these stages."""
@@ -665,20 +678,42 @@ class CFlowDetector(Detector):
     def features_of(self, backbone_outputs: dict[str, Tensor]) -> StageFeatures:
         return StageFeatures({stage: value.float() for stage, value in backbone_outputs.items()})
 
-    def _fit(self, fit: StageFeatures, held_out: StageFeatures | None, name: str) -> dict[str, Any]:
+    def _fit(self, fit: StageFeatures, held_out: StageFeatures | None, name: str,
+             held_out_images: ImageList | None = None) -> dict[str, Any]:
         self.build(fit.stage_channels())
         held = None if held_out is None or len(held_out) == 0 else held_out
         info = train_cflow(self.model, fit, held, self.config, name)
-        self.reference = self.training_reference(fit) if self.config.map_norm == "train" else None
-        return {**info, "parameters": sum(p.numel() for p in self.model.parameters())}
+        self.statistics = self.training_statistics(fit)
+        info["parameters"] = sum(p.numel() for p in self.model.parameters())
+        if self.config.scoring == "auto":
+            info["scoring_selection"] = self.choose_rule(held, held_out_images)
+        info["scoring_rule"] = str(self.rule)
+        return info
+
+    def choose_rule(self, held_out: StageFeatures | None, held_out_images: ImageList | None) -> list[dict]:
+        """``scoring auto``: set ``self.rule`` from the held-out images and defective copies of them."""
+        if held_out is None or held_out_images is None or len(held_out_images) < 2:
+            raise DetectorError("scoring auto chooses the scoring rule on held-out normal training images and needs "
+                                "at least 2 of them: raise --val_fraction, or name a rule (e.g. --scoring exp/max)")
+        config = self.config
+        images = torch.cat(list(image_batches(held_out_images, config)))
+        defects, masks = synthetic_defects(images, seed=config.seed)
+        with torch.no_grad():
+            outputs = [self.extractor(batch) for batch in defects.split(config.extract_batch_size)]
+        defect_features = StageFeatures({stage: torch.cat([output[stage].float() for output in outputs])
+                                         for stage in outputs[0]})
+        self.rule, rows = select_scoring(self.stage_log_likelihoods(held_out), self.stage_log_likelihoods(
+            defect_features), masks, self.statistics, (config.img_size, config.img_size),
+            candidate_rules(self.model.stage_names))
+        return rows
 
     @torch.no_grad()
-    def training_reference(self, fit: StageFeatures) -> dict[str, float]:
-        """Per-stage maximum of log p / C over the fit images' fibers (``map_norm`` train)."""
+    def training_statistics(self, fit: StageFeatures) -> StageStatistics:
+        """Per-stage max, mean and std of log p / C over the fit images' fibers."""
         self.model.eval()
-        batches = tqdm(fit.batches(self.config.test_batch_size), desc="training reference", leave=False,
+        batches = tqdm(fit.batches(self.config.test_batch_size), desc="training statistics", leave=False,
                        total=math.ceil(len(fit) / self.config.test_batch_size), unit="batch")
-        return reference_from_training(self.model.stage_log_likelihood_maps(features) for features in batches)
+        return stage_statistics(self.model.stage_log_likelihood_maps(features) for features in batches)
 
     @torch.no_grad()
     def stage_log_likelihoods(self, features: StageFeatures) -> dict[str, Tensor]:
@@ -691,36 +726,36 @@ class CFlowDetector(Detector):
         return {stage: torch.cat([maps[stage] for maps in batches]) for stage in self.model.stage_names}
 
     def score(self, features: StageFeatures) -> tuple[np.ndarray, np.ndarray]:
-        """Image scores (N,) float64 and anomaly maps (N, S, S) float32 at ``img_size`` under ``map_norm``."""
+        """Image scores (N,) float64 and anomaly maps (N, S, S) float32 at ``img_size`` under the scoring rule."""
         with record_function("predict.flows"):
             stage_maps = self.stage_log_likelihoods(features)
         with record_function("predict.anomaly_maps"):
-            return anomaly_maps(stage_maps, self.config, self.reference)
+            return anomaly_maps(stage_maps, self.config, self.statistics, self.rule)
 
     def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        return self.model.state_dict(), {"stage_channels": self.model.stage_channels, "reference": self.reference}
+        return self.model.state_dict(), {"stage_channels": self.model.stage_channels, "statistics": self.statistics,
+                                         "rule": str(self.rule)}
 
     def _restore(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         self.build(meta["stage_channels"])
         self.model.load_state_dict(tensors, strict=True)
         self.model.eval()
-        self.reference = meta["reference"]
-        if self.config.map_norm == "train" and not self.reference:
-            raise DetectorError("the checkpoint holds no training reference for map_norm train; retrain")
+        self.statistics = meta["statistics"]
+        self.rule = ScoringRule.parse(meta["rule"])
 
 
-def anomaly_maps(stage_maps: dict[str, Tensor], config: Config,
-                 reference: dict[str, float] | None) -> tuple[np.ndarray, np.ndarray]:
-    """Image scores (N,) float64 and anomaly maps (N, S, S) float32 at img_size, under ``map_norm``.
+def anomaly_maps(stage_maps: dict[str, Tensor], config: Config, statistics: StageStatistics | None,
+                 rule: ScoringRule) -> tuple[np.ndarray, np.ndarray]:
+    """Image scores (N,) float64 and anomaly maps (N, S, S) float32 at img_size, under ``rule`` and ``map_norm``.
 
-    ``train`` maps each image with the training reference alone (needs ``reference``); ``test``
-    normalises the whole given set at once (official code); ``batch`` each group of
-    ``test_batch_size`` images (anomalib).
+    ``train`` maps each image with the training statistics alone; ``test`` normalises the whole
+    given set at once (official code); ``batch`` each group of ``test_batch_size`` images
+    (anomalib). The ``z`` merge always uses the training statistics.
     """
     size = (config.img_size, config.img_size)
-    generator = AnomalyMapGenerator(size, config.map_norm, reference if config.map_norm == "train" else None)
+    generator = AnomalyMapGenerator(size, config.map_norm, statistics, rule)
     count = len(next(iter(stage_maps.values())))
-    group = count if config.map_norm == "test" else config.test_batch_size
+    group = count if config.map_norm == "test" and rule.merge == "exp" else config.test_batch_size
     scores, maps = [], []
     for start in range(0, count, group):
         batch_maps = generator({stage: values[start:start + group] for stage, values in stage_maps.items()})

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from anomaly_map import AnomalyMapGenerator, reference_from_training
+from anomaly_map import AnomalyMapGenerator, ScoringRule, stage_statistics
 from config import Config, make_config
 from model import CFlowDetector, CFlowModel, StageFeatures, build_cflow_decoder, positional_encoding_2d
 from report import cflow_table, figure_indices
@@ -226,15 +226,19 @@ def synthetic_stage_maps(
     return maps
 
 
-def synthetic_reference(generator: torch.Generator) -> dict[str, float]:
-    return reference_from_training(synthetic_stage_maps([False] * 4, generator) for _ in range(3))
+def synthetic_reference(generator: torch.Generator) -> dict[str, dict[str, float]]:
+    return stage_statistics(synthetic_stage_maps([False] * 4, generator) for _ in range(3))
 
 
-def test_reference_from_training_takes_the_max_over_batches():
-    batches = [{"s": torch.tensor([[[0.0, -2.0]]])}, {"s": torch.tensor([[[1.5, -3.0]]])}]
-    assert reference_from_training(batches) == {"s": 1.5}
+def test_stage_statistics_over_batches_equal_numpy_over_all_values():
+    batches = [{"s": torch.tensor([[[0.0, -2.0]]])}, {"s": torch.tensor([[[1.5, -3.0], [0.5, 0.25]]])}]
+    values = np.array([0.0, -2.0, 1.5, -3.0, 0.5, 0.25])
+    statistics = stage_statistics(batches)["s"]
+    assert statistics["max"] == 1.5
+    assert statistics["mean"] == pytest.approx(values.mean(), rel=1e-12)
+    assert statistics["std"] == pytest.approx(values.std(), rel=1e-12)
     with pytest.raises(ValueError):
-        reference_from_training([])
+        stage_statistics([])
 
 
 def test_anomaly_map_locates_a_known_patch_and_ranks_the_patched_image_higher():
@@ -246,13 +250,13 @@ def test_anomaly_map_locates_a_known_patch_and_ranks_the_patched_image_higher():
     # on pixels that are grid points of both stages (align_corners=True) the map is exact
     for r, c in [(0, 0), (3, 5), (7, 7)]:
         probabilities = [
-            math.exp(stage_maps["blocks.4"][1, r, c].item() - map_generator.reference["blocks.4"]),
-            math.exp(stage_maps["blocks.2"][1, 2 * r, 2 * c].item() - map_generator.reference["blocks.2"]),
+            math.exp(stage_maps["blocks.4"][1, r, c].item() - map_generator.statistics["blocks.4"]["max"]),
+            math.exp(stage_maps["blocks.2"][1, 2 * r, 2 * c].item() - map_generator.statistics["blocks.2"]["max"]),
         ]
         assert anomaly_maps[1, 4 * r, 4 * c].item() == pytest.approx(2 - sum(probabilities), rel=1e-12)
     row, col = divmod(int(anomaly_maps[0].argmax()), IMAGE_SIZE[1])
     assert row in PATCH_ROWS and col in PATCH_COLS
-    scores = AnomalyMapGenerator.image_scores(anomaly_maps)
+    scores = map_generator.image_scores(anomaly_maps)
     assert scores.shape == (2,)
     assert scores[0] > scores[1] + 1.0
 
@@ -286,8 +290,8 @@ def test_anomaly_map_generator_validates_its_arguments():
     with pytest.raises(ValueError):
         AnomalyMapGenerator(IMAGE_SIZE, "train")
     with pytest.raises(ValueError):
-        AnomalyMapGenerator(IMAGE_SIZE, "batch", {"blocks.2": 0.0})
-    generator = AnomalyMapGenerator(IMAGE_SIZE, "train", {"blocks.2": 0.0})
+        AnomalyMapGenerator(IMAGE_SIZE, "batch", rule=ScoringRule("z", "max"))
+    generator = AnomalyMapGenerator(IMAGE_SIZE, "train", {"blocks.2": {"max": 0.0, "mean": 0.0, "std": 1.0}})
     with pytest.raises(ValueError):
         generator(synthetic_stage_maps([False], torch.Generator().manual_seed(2)))
 
@@ -313,10 +317,10 @@ def random_stage_features(count: int, seed: int, config: Config, shift: float = 
 
 
 def trained_detector(config: Config, fit: StageFeatures) -> CFlowDetector:
-    """A detector whose decoders are moved away from their initial values, with its training reference."""
+    """A detector whose decoders are moved away from their initial values, with its training statistics."""
     detector = CFlowDetector(config)
     detector.model = perturbed(CFlowModel(STAGE_CHANNELS, condition_dims=8, n_blocks=2), seed=3)
-    detector.reference = detector.training_reference(fit)
+    detector.statistics = detector.training_statistics(fit)
     return detector
 
 
@@ -340,14 +344,17 @@ def test_train_normalised_scores_do_not_depend_on_the_test_batch_size():
     assert np.abs(by_batch[0] - by_batch[1]).max() > 1e-3
 
 
-def test_training_reference_is_the_maximum_log_likelihood_of_the_fit_fibers():
+def test_training_statistics_are_those_of_the_fit_fibers_log_likelihoods():
     fit = random_stage_features(5, 0, small_config())
     detector = trained_detector(small_config(test_batch_size=2), fit)
     with torch.no_grad():
         for stage, channels in STAGE_CHANNELS.items():
             fibers, conditions = detector.model.fibers_of(fit.maps[stage])
-            brute = detector.model.fiber_log_likelihood_per_dim(stage, fibers, conditions).max().item()
-            assert detector.reference[stage] == pytest.approx(brute, rel=1e-5)
+            brute = detector.model.fiber_log_likelihood_per_dim(stage, fibers, conditions).double().numpy()
+            statistics = detector.statistics[stage]
+            assert statistics["max"] == pytest.approx(brute.max(), rel=1e-5)
+            assert statistics["mean"] == pytest.approx(brute.mean(), rel=1e-5)
+            assert statistics["std"] == pytest.approx(brute.std(), rel=1e-4)
 
 
 def test_training_is_seeded_counts_every_fiber_once_per_epoch_and_lowers_the_loss():
