@@ -234,7 +234,8 @@ def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 def select_scoring(normal_maps: dict[str, Tensor], defect_maps: dict[str, Tensor], defect_masks: Tensor,
                    statistics: StageStatistics, image_size: tuple[int, int],
-                   candidates: Sequence[ScoringRule], pixel_stride: int = 4) -> tuple[ScoringRule, list[dict]]:
+                   candidates: Sequence[ScoringRule], pixel_stride: int = 4,
+                   image_tolerance: float = 0.005) -> tuple[ScoringRule, list[dict]]:
     """The rule that best separates defective from normal training images, and every candidate's figures.
 
     Args:
@@ -244,10 +245,13 @@ def select_scoring(normal_maps: dict[str, Tensor], defect_maps: dict[str, Tensor
         statistics: the fit images' ``stage_statistics``.
         candidates: the rules to compare, preferred first (ties go to the earlier).
         pixel_stride: pixel AUROC on every ``pixel_stride``-th row and column (a plain subsample).
+        image_tolerance: rules this close to the best image AUROC count as tied on it.
 
     Returns:
-        The chosen rule (highest image AUROC + pixel AUROC on the synthetic set) and one row per
-        candidate: ``rule``, ``image_auroc``, ``pixel_auroc``.
+        The chosen rule and one row per candidate: ``rule``, ``image_auroc``, ``pixel_auroc`` (on
+        the held-out and synthetic images). Image ranking decides: among the rules within
+        ``image_tolerance`` of the best image AUROC, the one with the highest pixel AUROC wins, and
+        on a tie the earlier candidate.
     """
     stages = list(normal_maps)
     both = {stage: torch.cat([normal_maps[stage], defect_maps[stage]]) for stage in stages}
@@ -262,5 +266,7 @@ def select_scoring(normal_maps: dict[str, Tensor], defect_maps: dict[str, Tensor
         rows.append({"rule": str(rule),
                      "image_auroc": _auroc(labels, generator.image_scores(maps).numpy()),
                      "pixel_auroc": _auroc(pixel_labels, maps[:, ::pixel_stride, ::pixel_stride].numpy().ravel())})
-    best = max(range(len(rows)), key=lambda i: (rows[i]["image_auroc"] + rows[i]["pixel_auroc"], -i))
+    best_image = max(row["image_auroc"] for row in rows)
+    tied = [i for i, row in enumerate(rows) if row["image_auroc"] >= best_image - image_tolerance]
+    best = max(tied, key=lambda i: (rows[i]["pixel_auroc"], -i))
     return candidates[best], rows

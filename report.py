@@ -108,7 +108,7 @@ def method_label(config: Config) -> str:
         return f"kNN (k={config.knn_k}, cosine)"
     if config.method == "gaussian":
         return "Gaussian (Mahalanobis)"
-    return f"CFLOW-AD (maps normalised on {config.map_norm})"
+    return f"CFLOW-AD (scoring {config.scoring}, maps normalised on {config.map_norm})"
 
 
 def _cell(metrics: dict[str, Any], key: str, style: str) -> str:

@@ -8,7 +8,9 @@ follow the self-supervised defect literature (CutPaste, Li et al. 2021; DRAEM, Z
 - ``cutpaste``: a rectangle cut from another normal image, brightness-jittered, pasted elsewhere;
 - ``scar``: a thin rotated bar of a colour far from the local mean (cracks, scratches);
 - ``noise``: Gaussian noise inside an ellipse (rough or contaminated surface);
-- ``blur``: an ellipse replaced by its blurred version (worn or smeared surface).
+- ``blur``: an ellipse replaced by its blurred version (worn or smeared surface);
+- ``stain``: a large, soft-edged ellipse made brighter or darker (stains, uneven colour or
+  finish), 4 to 16 times the area of the other kinds.
 
 Defect areas are log-uniform between ``min_area`` and ``max_area`` of the image, so small and
 large defects are both represented. A mask holds only the pixels that changed visibly (by at least
@@ -25,7 +27,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 from torch import Tensor
 
-DEFECT_KINDS = ("cutpaste", "scar", "noise", "blur")
+DEFECT_KINDS = ("cutpaste", "scar", "noise", "blur", "stain")
 VISIBLE = 8
 
 
@@ -103,6 +105,16 @@ def _visible(image: np.ndarray, copy: np.ndarray) -> np.ndarray:
     return (np.abs(copy.astype(np.int16) - image.astype(np.int16)) >= VISIBLE).any(axis=-1)
 
 
+def _stain(image: np.ndarray, rng: np.random.Generator, side: float) -> tuple[np.ndarray, np.ndarray]:
+    size = image.shape[0]
+    region = _ellipse_mask(rng, size, min(side * rng.uniform(2.0, 4.0), 0.9 * size))
+    softness = Image.fromarray((region * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(side / 4))
+    weight = np.asarray(softness, dtype=np.float32)[..., None] / 255.0
+    gain = 1.0 + rng.uniform(0.15, 0.35) * rng.choice([-1.0, 1.0])
+    defective = np.clip(image.astype(np.float32) * (1.0 + (gain - 1.0) * weight), 0, 255).astype(np.uint8)
+    return defective, region | (weight[..., 0] > 0.05)
+
+
 def synthetic_defects(images: Tensor, seed: int, kinds: tuple[str, ...] = DEFECT_KINDS, min_area: float = 0.001,
                       max_area: float = 0.04) -> tuple[Tensor, Tensor]:
     """One defective copy of every image, the kinds taking turns.
@@ -134,6 +146,8 @@ def synthetic_defects(images: Tensor, seed: int, kinds: tuple[str, ...] = DEFECT
             copy, region = _scar(image, rng, side)
         elif kind == "blur":
             copy, region = _blur(image, rng, side)
+        elif kind == "stain":
+            copy, region = _stain(image, rng, side)
         mask = _visible(image, copy) & region if kind != "noise" else region
         if kind == "noise" or mask.sum() < 0.1 * region.sum():
             copy, region = _noise(image, rng, side)

@@ -36,24 +36,25 @@ def smooth_images(count: int, size: int = 64) -> torch.Tensor:
 
 
 def test_synthetic_defects_change_pixels_only_inside_their_masks_and_are_seeded():
-    images = smooth_images(8)
+    images = smooth_images(10)
     defects, masks = synthetic_defects(images, seed=3)
     again, masks_again = synthetic_defects(images, seed=3)
     assert torch.equal(defects, again) and torch.equal(masks, masks_again)
     assert not torch.equal(synthetic_defects(images, seed=4)[1], masks)
-    assert defects.shape == images.shape and defects.dtype == torch.uint8 and masks.shape == (8, 64, 64)
+    assert defects.shape == images.shape and defects.dtype == torch.uint8 and masks.shape == (10, 64, 64)
     difference = (defects.short() - images.short()).abs().amax(dim=1)
     assert torch.equal(masks, (difference >= VISIBLE) & masks)  # a mask holds only visibly changed pixels
     assert (difference[~masks] < VISIBLE).all()  # nothing visible outside it
     area = masks.float().mean(dim=(1, 2))
-    assert (area > 0).all() and (area < 0.15).all()
+    assert (area > 0).all() and (area < 0.5).all()
+    assert area[4] > area[[0, 1, 2, 3]].max()  # a stain is the largest
     # a blur of a flat gradient shows nothing: made again as noise, which shows
-    assert all(masks[index].sum() > 0 for index in range(3, 8, 4))
+    assert masks[3].sum() > 0
 
 
 def test_synthetic_defects_refuse_bad_input():
     with pytest.raises(ValueError, match="kinds"):
-        synthetic_defects(smooth_images(2), seed=0, kinds=("stain",))
+        synthetic_defects(smooth_images(2), seed=0, kinds=("crater",))
     with pytest.raises(ValueError, match="uint8"):
         synthetic_defects(smooth_images(2).float(), seed=0)
     with pytest.raises(ValueError, match="at least 2"):
