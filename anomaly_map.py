@@ -1,7 +1,8 @@
 """Anomaly maps and image scores from CFLOW-AD's per-stage log-likelihood maps.
 
-A scoring rule (``ScoringRule``, the ``scoring`` setting) says how the stages' maps of log p / C
-(see ``model.CFlowModel.stage_log_likelihood_maps``) become one anomaly map and one image score:
+The anomaly map is the paper's (merge ``exp`` over all stages, below). The image score follows a
+scoring rule (``ScoringRule``, the ``scoring`` setting): which stages' maps of log p / C (see
+``model.CFlowModel.stage_log_likelihood_maps``), merged how, summarised how:
 
 - merge ``exp`` (the paper, official code, anomalib): per stage, log p / C is shifted by a
   reference value, exponentiated, upsampled bilinearly to the image size (align_corners=True)
@@ -15,7 +16,8 @@ A scoring rule (``ScoringRule``, the ``scoring`` setting) says how the stages' m
 - stages: all (default) or a subset, e.g. ``z/top1@blocks.1+blocks.2``.
 
 ``scoring auto`` (``select_scoring``) picks the rule on held-out normal *training* images and
-synthetic defects made from them (``synthetic.py``); no test image is read. Computation is in
+synthetic defects made from them (``synthetic.py``); no test image is read. The rule changes image
+scores only, never the map, so localisation stays the paper's whatever the rule. Computation is in
 float64, as the official code and anomalib (exp of very negative log-likelihoods underflows
 later than in float32).
 
@@ -43,6 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
 NORMALIZATIONS = ("train", "test", "batch")
@@ -219,54 +222,31 @@ def candidate_rules(stages: Sequence[str]) -> list[ScoringRule]:
     return [ScoringRule(merge, score, subset) for subset in subsets for merge in MERGES for score in IMAGE_SCORES]
 
 
-def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve by ranks (ties averaged), for large pixel sets."""
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    sorted_scores = scores[order]
-    boundaries = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1, len(scores)]
-    for start, stop in zip(boundaries[:-1], boundaries[1:]):
-        ranks[order[start:stop]] = (start + stop + 1) / 2
-    positives = labels.astype(bool)
-    n_pos, n_neg = positives.sum(), (~positives).sum()
-    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def select_scoring(normal_maps: dict[str, Tensor], defect_maps: dict[str, Tensor], defect_masks: Tensor,
-                   statistics: StageStatistics, image_size: tuple[int, int],
-                   candidates: Sequence[ScoringRule], pixel_stride: int = 4,
-                   image_tolerance: float = 0.005) -> tuple[ScoringRule, list[dict]]:
-    """The rule that best separates defective from normal training images, and every candidate's figures.
+def select_scoring(normal_maps: dict[str, Tensor], defect_maps: dict[str, Tensor], statistics: StageStatistics,
+                   image_size: tuple[int, int], candidates: Sequence[ScoringRule],
+                   tolerance: float = 0.005) -> tuple[ScoringRule, list[dict]]:
+    """The rule whose image scores best separate defective from normal training images.
 
     Args:
         normal_maps, defect_maps: log p / C per stage of held-out normal training images and of
             synthetic defects made from them (nothing from a test split).
-        defect_masks: bool (D, H, W) at ``image_size``, the synthetic defects' masks.
         statistics: the fit images' ``stage_statistics``.
-        candidates: the rules to compare, preferred first (ties go to the earlier).
-        pixel_stride: pixel AUROC on every ``pixel_stride``-th row and column (a plain subsample).
-        image_tolerance: rules this close to the best image AUROC count as tied on it.
+        candidates: the rules to compare, preferred first.
+        tolerance: the first candidate within ``tolerance`` of the best image AUROC wins, so that
+            the paper's rule (first) is left only for a rule that is better by more than that.
 
     Returns:
-        The chosen rule and one row per candidate: ``rule``, ``image_auroc``, ``pixel_auroc`` (on
-        the held-out and synthetic images). Image ranking decides: among the rules within
-        ``image_tolerance`` of the best image AUROC, the one with the highest pixel AUROC wins, and
-        on a tie the earlier candidate.
+        The chosen rule and one row per candidate: ``rule``, ``image_auroc``.
     """
     stages = list(normal_maps)
     both = {stage: torch.cat([normal_maps[stage], defect_maps[stage]]) for stage in stages}
-    n_normal = len(normal_maps[stages[0]])
-    labels = np.r_[np.zeros(n_normal), np.ones(len(defect_masks))]
-    masks = torch.cat([torch.zeros(n_normal, *defect_masks.shape[1:], dtype=torch.bool), defect_masks.bool()])
-    pixel_labels = masks[:, ::pixel_stride, ::pixel_stride].numpy().ravel()
+    n_normal, n_defect = len(normal_maps[stages[0]]), len(defect_maps[stages[0]])
+    labels = np.r_[np.zeros(n_normal), np.ones(n_defect)]
     rows = []
     for rule in candidates:
         generator = AnomalyMapGenerator(image_size, "train", statistics, rule)
-        maps = generator(both)
-        rows.append({"rule": str(rule),
-                     "image_auroc": _auroc(labels, generator.image_scores(maps).numpy()),
-                     "pixel_auroc": _auroc(pixel_labels, maps[:, ::pixel_stride, ::pixel_stride].numpy().ravel())})
-    best_image = max(row["image_auroc"] for row in rows)
-    tied = [i for i, row in enumerate(rows) if row["image_auroc"] >= best_image - image_tolerance]
-    best = max(tied, key=lambda i: (rows[i]["pixel_auroc"], -i))
-    return candidates[best], rows
+        scores = generator.image_scores(generator(both)).numpy()
+        rows.append({"rule": str(rule), "image_auroc": float(roc_auc_score(labels, scores))})
+    best = max(row["image_auroc"] for row in rows)
+    chosen = next(i for i, row in enumerate(rows) if row["image_auroc"] >= best - tolerance)
+    return candidates[chosen], rows

@@ -111,12 +111,14 @@ class Config:
     map_norm: str = _opt("cflow", "train", "map normalisation: train statistics (scores independent of the test "
                          "set), test (official: max over the whole test set), batch (anomalib: per batch)",
                          ("train", "test", "batch"))
-    scoring: str = _opt("cflow", "exp/max", "how stage maps become one anomaly map and an image score (anomaly_map.py): "
-                        "merge/score[@stage+stage]; merge exp (the paper: sum of exp(log p) over stages) or z (stages "
-                        "standardised on training fibers, averaged); score max (the paper) or topK (mean of the K% "
-                        "highest pixels, K in 1, 10); auto: chosen after training on held-out normal training images "
-                        "and synthetic defects made from them (synthetic.py), never on a test split. The official "
-                        "rule is exp/max with --map_norm test, anomalib's exp/max with --map_norm batch")
+    scoring: str = _opt("cflow", "exp/max", "how an image's score comes from the stage maps (anomaly_map.py; the "
+                        "anomaly map itself is always the paper's): merge/score[@stage+stage]; merge exp (the paper: "
+                        "sum of exp(log p) over stages) or z (stages standardised on training fibers, averaged); score "
+                        "max (the paper) or topK (mean of the K% highest pixels, K in 1, 10); auto: chosen after "
+                        "training on held-out normal training images and synthetic defects made from them "
+                        "(synthetic.py), never on a test split; the paper's rule unless another separates them better "
+                        "by more than 0.005 AUROC. The official scoring is exp/max with --map_norm test, anomalib's "
+                        "exp/max with --map_norm batch")
     test_batch_size: int = _opt("cflow", 32, "images per scoring batch")
     n_figure_images: int = _opt("cflow", 6, "test images drawn in each category's figure")
     save_maps: bool = _opt("cflow", False, "write every test image's anomaly map (.npy, float16) under the results "

@@ -653,8 +653,12 @@ class GaussianDetector(_TokenDetector):
         self.scorer.precision = tensors["precision"].to(self.config.device)
 
 
+DEFECT_COPIES = 3
+"""``scoring auto``: synthetic defective copies made of each held-out image."""
+
+
 class CFlowDetector(Detector):
-    """CFLOW-AD: per-stage conditional flows → anomaly maps and image scores under a scoring rule.
+    """CFLOW-AD: per-stage conditional flows → the paper's anomaly maps, image scores under a scoring rule.
 
     The rule is ``scoring`` or, with ``scoring auto``, the one chosen after training on the held-out
     normal training images and synthetic defects made from them (``anomaly_map.select_scoring``).
@@ -691,19 +695,20 @@ class CFlowDetector(Detector):
         return info
 
     def choose_rule(self, held_out: StageFeatures | None, held_out_images: ImageList | None) -> list[dict]:
-        """``scoring auto``: set ``self.rule`` from the held-out images and defective copies of them."""
+        """``scoring auto``: set ``self.rule`` from the held-out images and ``DEFECT_COPIES`` defective
+        copies of each (seeded)."""
         if held_out is None or held_out_images is None or len(held_out_images) < 2:
             raise DetectorError("scoring auto chooses the scoring rule on held-out normal training images and needs "
                                 "at least 2 of them: raise --val_fraction, or name a rule (e.g. --scoring exp/max)")
         config = self.config
         images = torch.cat(list(image_batches(held_out_images, config)))
-        defects, masks = synthetic_defects(images, seed=config.seed)
+        defects = torch.cat([synthetic_defects(images, seed=config.seed + copy)[0] for copy in range(DEFECT_COPIES)])
         with torch.no_grad():
             outputs = [self.extractor(batch) for batch in defects.split(config.extract_batch_size)]
         defect_features = StageFeatures({stage: torch.cat([output[stage].float() for output in outputs])
                                          for stage in outputs[0]})
         self.rule, rows = select_scoring(self.stage_log_likelihoods(held_out), self.stage_log_likelihoods(
-            defect_features), masks, self.statistics, (config.img_size, config.img_size),
+            defect_features), self.statistics, (config.img_size, config.img_size),
             candidate_rules(self.model.stage_names))
         return rows
 
@@ -726,7 +731,7 @@ class CFlowDetector(Detector):
         return {stage: torch.cat([maps[stage] for maps in batches]) for stage in self.model.stage_names}
 
     def score(self, features: StageFeatures) -> tuple[np.ndarray, np.ndarray]:
-        """Image scores (N,) float64 and anomaly maps (N, S, S) float32 at ``img_size`` under the scoring rule."""
+        """Image scores (N,) float64 under the scoring rule and anomaly maps (N, S, S) float32 at ``img_size``."""
         with record_function("predict.flows"):
             stage_maps = self.stage_log_likelihoods(features)
         with record_function("predict.anomaly_maps"):
@@ -746,20 +751,23 @@ class CFlowDetector(Detector):
 
 def anomaly_maps(stage_maps: dict[str, Tensor], config: Config, statistics: StageStatistics | None,
                  rule: ScoringRule) -> tuple[np.ndarray, np.ndarray]:
-    """Image scores (N,) float64 and anomaly maps (N, S, S) float32 at img_size, under ``rule`` and ``map_norm``.
+    """Image scores (N,) float64 under ``rule`` and the paper's anomaly maps (N, S, S) float32 at img_size.
 
-    ``train`` maps each image with the training statistics alone; ``test`` normalises the whole
-    given set at once (official code); ``batch`` each group of ``test_batch_size`` images
-    (anomalib). The ``z`` merge always uses the training statistics.
+    ``map_norm`` ``train`` maps each image with the training statistics alone; ``test`` normalises
+    the whole given set at once (official code); ``batch`` each group of ``test_batch_size`` images
+    (anomalib). A rule other than the paper's (``exp/max``) computes the scores from its own merge
+    of the stage maps; the ``z`` merge always uses the training statistics.
     """
     size = (config.img_size, config.img_size)
-    generator = AnomalyMapGenerator(size, config.map_norm, statistics, rule)
+    paper = AnomalyMapGenerator(size, config.map_norm, statistics)
+    scorer = paper if rule == ScoringRule() else AnomalyMapGenerator(size, config.map_norm, statistics, rule)
     count = len(next(iter(stage_maps.values())))
-    group = count if config.map_norm == "test" and rule.merge == "exp" else config.test_batch_size
+    group = count if config.map_norm == "test" else config.test_batch_size
     scores, maps = [], []
     for start in range(0, count, group):
-        batch_maps = generator({stage: values[start:start + group] for stage, values in stage_maps.items()})
-        scores.append(generator.image_scores(batch_maps).cpu().numpy())
+        batch = {stage: values[start:start + group] for stage, values in stage_maps.items()}
+        batch_maps = paper(batch)
+        scores.append(scorer.image_scores(batch_maps if scorer is paper else scorer(batch)).cpu().numpy())
         maps.append(batch_maps.float().cpu().numpy())
     return np.concatenate(scores), np.concatenate(maps)
 
