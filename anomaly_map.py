@@ -222,18 +222,27 @@ def candidate_rules(stages: Sequence[str]) -> list[ScoringRule]:
     return [ScoringRule(merge, score, subset) for subset in subsets for merge in MERGES for score in IMAGE_SCORES]
 
 
+def auroc_standard_error(auroc: float, n_positive: int, n_negative: int) -> float:
+    """Hanley & McNeil's (1982) standard error of an AUROC from n_positive and n_negative samples."""
+    q1, q2 = auroc / (2 - auroc), 2 * auroc * auroc / (1 + auroc)
+    variance = (auroc * (1 - auroc) + (n_positive - 1) * (q1 - auroc * auroc)
+                + (n_negative - 1) * (q2 - auroc * auroc)) / (n_positive * n_negative)
+    return max(variance, 0.0) ** 0.5
+
+
 def select_scoring(normal_maps: dict[str, Tensor], defect_maps: dict[str, Tensor], statistics: StageStatistics,
-                   image_size: tuple[int, int], candidates: Sequence[ScoringRule],
-                   tolerance: float = 0.005) -> tuple[ScoringRule, list[dict]]:
+                   image_size: tuple[int, int], candidates: Sequence[ScoringRule]) -> tuple[ScoringRule, list[dict]]:
     """The rule whose image scores best separate defective from normal training images.
+
+    A few dozen held-out images give AUROCs a few hundredths apart by chance, so the first
+    candidate (the paper's rule) is left only for a rule better by more than the standard error
+    of its AUROC (``auroc_standard_error``); among those, the best.
 
     Args:
         normal_maps, defect_maps: log p / C per stage of held-out normal training images and of
             synthetic defects made from them (nothing from a test split).
         statistics: the fit images' ``stage_statistics``.
-        candidates: the rules to compare, preferred first.
-        tolerance: the first candidate within ``tolerance`` of the best image AUROC wins, so that
-            the paper's rule (first) is left only for a rule that is better by more than that.
+        candidates: the rules to compare, the default first.
 
     Returns:
         The chosen rule and one row per candidate: ``rule``, ``image_auroc``.
@@ -247,6 +256,8 @@ def select_scoring(normal_maps: dict[str, Tensor], defect_maps: dict[str, Tensor
         generator = AnomalyMapGenerator(image_size, "train", statistics, rule)
         scores = generator.image_scores(generator(both)).numpy()
         rows.append({"rule": str(rule), "image_auroc": float(roc_auc_score(labels, scores))})
-    best = max(row["image_auroc"] for row in rows)
-    chosen = next(i for i, row in enumerate(rows) if row["image_auroc"] >= best - tolerance)
+    default = rows[0]["image_auroc"]
+    margin = auroc_standard_error(default, n_defect, n_normal)
+    best = max(range(len(rows)), key=lambda i: (rows[i]["image_auroc"], -i))
+    chosen = best if rows[best]["image_auroc"] > default + margin else 0
     return candidates[chosen], rows

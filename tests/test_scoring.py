@@ -4,6 +4,7 @@ The rule chosen by ``scoring auto`` must come from training data alone: the last
 selection on real MVTec AD bottle images with the test folder deleted and every opened file logged.
 """
 
+import dataclasses
 import itertools
 import os
 import shutil
@@ -12,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 import datasets
-from anomaly_map import (AnomalyMapGenerator, ScoringRule, candidate_rules, image_scores, select_scoring,
-                         stage_statistics)
+from anomaly_map import (AnomalyMapGenerator, ScoringRule, auroc_standard_error, candidate_rules, image_scores,
+                         select_scoring, stage_statistics)
 from config import ConfigError, make_config, parse_args
 from datasets import held_out_split, load_tasks
 from extractor import FeatureExtractor
@@ -81,6 +83,17 @@ def test_top_k_image_score_is_the_mean_of_the_largest_pixels():
         brute = [np.sort(m.numpy().ravel())[-count:].mean() for m in maps]
         np.testing.assert_allclose(image_scores(maps, how).numpy(), brute, rtol=1e-12)
     np.testing.assert_array_equal(image_scores(maps, "max").numpy(), maps.flatten(1).max(1).values.numpy())
+
+
+def test_auroc_standard_error_matches_hanley_mcneil_and_the_spread_of_simulated_aurocs():
+    # by hand, A = 0.9, 50 and 50: Q1 = 0.9 / 1.1, Q2 = 1.62 / 1.9,
+    # SE^2 = (0.09 + 49 (Q1 - 0.81) + 49 (Q2 - 0.81)) / 2500 = 0.0010319
+    assert auroc_standard_error(0.9, 50, 50) == pytest.approx(0.0010319 ** 0.5, rel=1e-3)
+    rng = np.random.default_rng(0)
+    shift = 1.8  # binormal, equal variances: AUROC = Phi(shift / sqrt(2)) = 0.898
+    simulated = [roc_auc_score(np.r_[np.zeros(50), np.ones(50)], np.r_[rng.normal(size=50), rng.normal(shift, 1, 50)])
+                 for _ in range(2000)]
+    assert np.std(simulated) == pytest.approx(auroc_standard_error(float(np.mean(simulated)), 50, 50), rel=0.15)
 
 
 def test_z_merge_averages_stages_standardised_on_training_statistics():
@@ -157,5 +170,7 @@ def test_scoring_auto_reads_no_test_image(mvtec_root, tmp_path, monkeypatch):
 
     detector.save(tmp_path / "bottle.pt")  # the chosen rule travels with the checkpoint
     assert load_detector(tmp_path / "bottle.pt", config, extractor).rule == detector.rule
+    with pytest.raises(DetectorError, match="scoring"):  # a checkpoint refuses another rule than its own
+        load_detector(tmp_path / "bottle.pt", dataclasses.replace(config, scoring="exp/max"), extractor)
     with pytest.raises(DetectorError, match="val_fraction"):
         CFlowDetector(config, extractor).fit(fit, None, task.name, None)
