@@ -29,7 +29,7 @@ from torch import Tensor
 from config import Config, ConfigError, describe, parse_args
 from datasets import DataError, Task, dataset_identity, held_out_split, load_mask, load_tasks
 from extractor import CacheError, FeatureExtractor, WeightsError, task_features
-from metrics import detection_and_localization
+from metrics import detection_and_localization, per_defect_type
 from model import Detector, DetectorError, StageFeatures, build_detector, load_detector
 from report import (MAP_NORM_NOTES, method_label, save_histogram, save_map_figure, save_training_curve,
                     write_results, write_scores_csv)
@@ -88,15 +88,26 @@ def load_test_masks(task: Task, size: int) -> np.ndarray | None:
     return np.stack([load_mask(path, (size, size)) for path in task.test_masks])
 
 
+def defect_types(task: Task) -> np.ndarray | None:
+    """The test sub-folder of each test image (``test/<type>/<name>``) for defect sets; None otherwise."""
+    if task.test_masks is None:
+        return None
+    return np.array([Path(image_id).parent.name for image_id in task.test.ids])
+
+
 def evaluate(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | None,
-             maps: np.ndarray | None) -> dict[str, Any]:
-    """Metrics of one task; those that need normal and anomalous images are left out, with a note."""
+             maps: np.ndarray | None, defect_types: np.ndarray | None = None) -> dict[str, Any]:
+    """Metrics of one task; those that need normal and anomalous images are left out, with a note.
+    With ``defect_types`` (defect sets), ``per_defect_type`` holds each type's AUROCs against the normal images."""
     if len(np.unique(labels)) < 2:
         kind = "normal" if labels.max(initial=0) == 0 else "anomalous"
         return {"note": f"the test split holds only {kind} images: AUROC, F1 and the pixel metrics are n/a"}
     if masks is not None and not (masks.any() and (~masks).any()):
         masks = maps = None
-    return detection_and_localization(labels, scores, masks, None if masks is None else maps)
+    metrics = detection_and_localization(labels, scores, masks, None if masks is None else maps)
+    if defect_types is not None:
+        metrics["per_defect_type"] = per_defect_type(labels, defect_types, scores, masks, maps)
+    return metrics
 
 
 def fit_or_load(config: Config, task: Task, extractor: FeatureExtractor, features: SplitFeatures,
@@ -132,7 +143,7 @@ def run_task(config: Config, task: Task, extractor: FeatureExtractor, folder: Pa
     scores, maps = detector.score(features[2])
     score_seconds = time.perf_counter() - started
     masks = load_test_masks(task, config.img_size) if maps is not None else None
-    metrics = {**evaluate(task.test_labels, scores, masks, maps), **detector.info,
+    metrics = {**evaluate(task.test_labels, scores, masks, maps, defect_types(task)), **detector.info,
                "threshold": detector.threshold, "threshold_rule": detector.threshold_rule,
                "test_flagged_fraction": float(detector.flagged(scores).mean()),
                "feature_seconds": feature_seconds, "score_seconds": score_seconds,

@@ -24,6 +24,7 @@ __all__ = [
     "f1_max",
     "pixel_f1_max",
     "detection_and_localization",
+    "per_defect_type",
 ]
 
 
@@ -228,3 +229,28 @@ def detection_and_localization(
         out["aupro"] = aupro(masks, maps, fpr_limit=fpr_limit)
         out["pixel_f1"] = pixel_f1_max(masks, maps)[0]
     return out
+
+
+def per_defect_type(labels: np.ndarray, defect_types: np.ndarray, scores: np.ndarray, masks: np.ndarray | None = None,
+                    maps: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+    """Image AUROC (and pixel AUROC when masks and maps are given) of each defect type against all
+    the normal images: which kinds of defect a detector finds and which it misses.
+
+    Args:
+        labels: (N,) 1 = anomalous.
+        defect_types: (N,) the type name of each anomalous image (e.g. its test sub-folder);
+            ignored for normal images.
+        scores: (N,) image scores; masks, maps: (N, H, W) or None.
+    """
+    y = _binary_1d(labels)
+    types = np.asarray(defect_types)
+    result: dict[str, dict[str, float]] = {}
+    if y.all() or not y.any():
+        return result
+    for name in sorted(set(types[y].tolist())):
+        chosen = ~y | (y & (types == name))
+        entry = {"images": int((y & (types == name)).sum()), "image_auroc": image_auroc(y[chosen], scores[chosen])}
+        if masks is not None and maps is not None and np.asarray(masks)[chosen].any():
+            entry["pixel_auroc"] = pixel_auroc(np.asarray(masks)[chosen], np.asarray(maps)[chosen])
+        result[name] = entry
+    return result

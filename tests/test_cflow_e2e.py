@@ -41,6 +41,10 @@ def test_bottle_trains_scores_localises_and_rescores_from_its_checkpoint(tmp_pat
     assert (metrics["n_fit"], metrics["n_held_out"], metrics["n_test"]) == (188, 21, 83)  # 209 training images
     assert metrics["train_fibers_per_epoch"] == 188 * (16 * 16 + 8 * 8 + 4 * 4)
     assert metrics["train_fibers_per_second"] > 0 and 0 <= metrics["kept_epoch"] <= 3
+    per_type = metrics["per_defect_type"]  # bottle's three defect folders, each against the 20 good images
+    assert set(per_type) == {"broken_large", "broken_small", "contamination"}
+    assert sum(entry["images"] for entry in per_type.values()) == 63
+    assert all(0.5 < entry["image_auroc"] <= 1.0 and 0.5 < entry["pixel_auroc"] <= 1.0 for entry in per_type.values())
 
     folder = results_folder(config)
     assert folder.name.startswith("mvtec-") and folder.name.endswith("-tf_efficientnet_lite0-cflow")

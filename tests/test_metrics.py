@@ -225,3 +225,26 @@ def test_detection_and_localization_keys_and_values():
     assert all(isinstance(v, float) for v in out.values())
     with pytest.raises(ValueError):
         detection_and_localization(labels, scores, masks=masks)
+
+
+def test_per_defect_type_scores_each_type_against_all_normal_images():
+    from metrics import per_defect_type
+
+    labels = np.array([0, 0, 0, 1, 1, 1, 1])
+    types = np.array(["good", "good", "good", "crack", "crack", "stain", "stain"])
+    scores = np.array([0.1, 0.5, 0.3, 0.9, 0.2, 0.4, 0.6])
+    masks = np.zeros((7, 2, 2), bool)
+    masks[3:, 0, 0] = True
+    maps = np.zeros((7, 2, 2))
+    maps[3:, 0, 0] = [1.0, 1.0, -1.0, 1.0]
+    result = per_defect_type(labels, types, scores, masks, maps)
+    assert set(result) == {"crack", "stain"}
+    # crack (0.9, 0.2) against good (0.1, 0.5, 0.3): pairs won 3 + 1 = 4 of 6
+    assert result["crack"]["image_auroc"] == pytest.approx(4 / 6)
+    # stain (0.4, 0.6) against good: 2 + 3 = 5 of 6
+    assert result["stain"]["image_auroc"] == pytest.approx(5 / 6)
+    assert result["crack"]["images"] == 2
+    # crack pixels: 2 defective at 1.0 above 12 + 2 normal pixels at 0.0 -> 1.0; stain: one at -1.0 -> lower
+    assert result["crack"]["pixel_auroc"] == pytest.approx(1.0)
+    assert result["stain"]["pixel_auroc"] == pytest.approx(0.5 * 1.0 + 0.5 * 0.0)
+    assert per_defect_type(np.zeros(3), np.array(["good"] * 3), np.zeros(3)) == {}
