@@ -25,7 +25,7 @@ Normalisation of the ``exp`` merge (``normalization``), i.e. which reference is 
 which constant the sum is subtracted from (the ``z`` merge always uses training statistics):
 
 - ``"train"`` (default): the reference of stage l is the maximum of log p / C over all
-  *training* fibers (``reference_from_training``), and the anomaly map is
+  *training* fibers (``stage_statistics``), and the anomaly map is
   (number of stages) - sum. Both are fixed once training ends, so a test image's map and
   score never depend on which other images are scored with it.
 - ``"test"``: the official code. The reference is the maximum over the *whole test set*
@@ -57,7 +57,7 @@ StageStatistics = dict[str, dict[str, float]]
 
 @dataclass(frozen=True)
 class ScoringRule:
-    """How stage maps become an anomaly map and an image score; written ``merge/score[@stage+stage]``."""
+    """How stage maps become an image score; written ``merge/score[@stage+stage]``."""
 
     merge: str = "exp"
     image_score: str = "max"
@@ -251,11 +251,14 @@ def select_scoring(normal_maps: dict[str, Tensor], defect_maps: dict[str, Tensor
     both = {stage: torch.cat([normal_maps[stage], defect_maps[stage]]) for stage in stages}
     n_normal, n_defect = len(normal_maps[stages[0]]), len(defect_maps[stages[0]])
     labels = np.r_[np.zeros(n_normal), np.ones(n_defect)]
-    rows = []
-    for rule in candidates:
-        generator = AnomalyMapGenerator(image_size, "train", statistics, rule)
-        scores = generator.image_scores(generator(both)).numpy()
-        rows.append({"rule": str(rule), "image_auroc": float(roc_auc_score(labels, scores))})
+    auroc: dict[ScoringRule, float] = {}
+    for merge, subset in dict.fromkeys((rule.merge, rule.stages) for rule in candidates):
+        # one merged map per merge and stage set, summarised by every image score that shares it
+        maps = AnomalyMapGenerator(image_size, "train", statistics, ScoringRule(merge, stages=subset))(both)
+        for rule in candidates:
+            if (rule.merge, rule.stages) == (merge, subset):
+                auroc[rule] = float(roc_auc_score(labels, image_scores(maps, rule.image_score).numpy()))
+    rows = [{"rule": str(rule), "image_auroc": auroc[rule]} for rule in candidates]
     default = rows[0]["image_auroc"]
     margin = auroc_standard_error(default, n_defect, n_normal)
     best = max(range(len(rows)), key=lambda i: (rows[i]["image_auroc"], -i))

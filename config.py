@@ -117,8 +117,8 @@ class Config:
                         "max (the paper) or topK (mean of the K% highest pixels, K in 1, 10); auto: chosen after "
                         "training on held-out normal training images and synthetic defects made from them "
                         "(synthetic.py), never on a test split; the paper's rule unless another separates them better "
-                        "by more than the standard error of its AUROC. The official scoring is exp/max with --map_norm test, anomalib's "
-                        "exp/max with --map_norm batch")
+                        "by more than the standard error of its AUROC. The official scoring is exp/max with "
+                        "--map_norm test, anomalib's exp/max with --map_norm batch")
     test_batch_size: int = _opt("cflow", 32, "images per scoring batch")
     n_figure_images: int = _opt("cflow", 6, "test images drawn in each category's figure")
     save_maps: bool = _opt("cflow", False, "write every test image's anomaly map (.npy, float16) under the results "

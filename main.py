@@ -88,7 +88,7 @@ def load_test_masks(task: Task, size: int) -> np.ndarray | None:
     return np.stack([load_mask(path, (size, size)) for path in task.test_masks])
 
 
-def defect_types(task: Task) -> np.ndarray | None:
+def defect_types_of(task: Task) -> np.ndarray | None:
     """The test sub-folder of each test image (``test/<type>/<name>``) for defect sets; None otherwise."""
     if task.test_masks is None:
         return None
@@ -143,7 +143,7 @@ def run_task(config: Config, task: Task, extractor: FeatureExtractor, folder: Pa
     scores, maps = detector.score(features[2])
     score_seconds = time.perf_counter() - started
     masks = load_test_masks(task, config.img_size) if maps is not None else None
-    metrics = {**evaluate(task.test_labels, scores, masks, maps, defect_types(task)), **detector.info,
+    metrics = {**evaluate(task.test_labels, scores, masks, maps, defect_types_of(task)), **detector.info,
                "threshold": detector.threshold, "threshold_rule": detector.threshold_rule,
                "test_flagged_fraction": float(detector.flagged(scores).mean()),
                "feature_seconds": feature_seconds, "score_seconds": score_seconds,

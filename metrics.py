@@ -248,8 +248,9 @@ def per_defect_type(labels: np.ndarray, defect_types: np.ndarray, scores: np.nda
     if y.all() or not y.any():
         return result
     for name in sorted(set(types[y].tolist())):
-        chosen = ~y | (y & (types == name))
-        entry = {"images": int((y & (types == name)).sum()), "image_auroc": image_auroc(y[chosen], scores[chosen])}
+        of_type = y & (types == name)
+        chosen = ~y | of_type
+        entry = {"images": int(of_type.sum()), "image_auroc": image_auroc(y[chosen], scores[chosen])}
         if masks is not None and maps is not None and np.asarray(masks)[chosen].any():
             entry["pixel_auroc"] = pixel_auroc(np.asarray(masks)[chosen], np.asarray(maps)[chosen])
         result[name] = entry

@@ -115,6 +115,15 @@ def _stain(image: np.ndarray, rng: np.random.Generator, side: float) -> tuple[np
     return defective, region | (weight[..., 0] > 0.05)
 
 
+def _visible_noise(image: np.ndarray, rng: np.random.Generator, side: float) -> tuple[np.ndarray, np.ndarray]:
+    copy, region = _noise(image, rng, side)
+    return copy, _visible(image, copy) & region
+
+
+_LOCAL_DEFECTS = {"scar": _scar, "blur": _blur, "stain": _stain}
+"""The kinds made from the image alone (``cutpaste`` also takes a donor image; ``noise`` always shows)."""
+
+
 def synthetic_defects(images: Tensor, seed: int, kinds: tuple[str, ...] = DEFECT_KINDS, min_area: float = 0.001,
                       max_area: float = 0.04) -> tuple[Tensor, Tensor]:
     """One defective copy of every image, the kinds taking turns.
@@ -140,18 +149,14 @@ def synthetic_defects(images: Tensor, seed: int, kinds: tuple[str, ...] = DEFECT
     for index, image in enumerate(pixels):
         kind = kinds[index % len(kinds)]
         side = _area_side(rng, size, min_area, max_area)
-        if kind == "cutpaste":
-            copy, region = _cutpaste(image, pixels[(index + 1) % len(pixels)], rng, side)
-        elif kind == "scar":
-            copy, region = _scar(image, rng, side)
-        elif kind == "blur":
-            copy, region = _blur(image, rng, side)
-        elif kind == "stain":
-            copy, region = _stain(image, rng, side)
-        mask = _visible(image, copy) & region if kind != "noise" else region
-        if kind == "noise" or mask.sum() < 0.1 * region.sum():
-            copy, region = _noise(image, rng, side)
+        if kind == "noise":
+            copy, mask = _visible_noise(image, rng, side)
+        else:
+            copy, region = (_cutpaste(image, pixels[(index + 1) % len(pixels)], rng, side) if kind == "cutpaste"
+                            else _LOCAL_DEFECTS[kind](image, rng, side))
             mask = _visible(image, copy) & region
+            if mask.sum() < 0.1 * region.sum():  # next to nothing one could see: noise instead
+                copy, mask = _visible_noise(image, rng, side)
         defective.append(copy)
         masks.append(mask)
     return (torch.from_numpy(np.stack(defective)).permute(0, 3, 1, 2).contiguous(),
