@@ -177,6 +177,18 @@ def test_stage_log_likelihood_maps_match_fiber_scores_for_any_chunk():
     torch.testing.assert_close(maps["blocks.4"][1, 2, 0], expected[0])
 
 
+@pytest.mark.parametrize("permute_soft", [False, True])
+def test_folded_maps_equal_freia_on_every_fiber_with_odd_channels(permute_soft):
+    """The evaluation path (condition folded per position, permutation gathered) against FrEIA's forward."""
+    model = perturbed(CFlowModel({"odd": 5}, condition_dims=8, n_blocks=3, permute_soft=permute_soft), seed=3)
+    feature_map = torch.randn(3, 5, 4, 6, generator=torch.Generator().manual_seed(4))
+    maps = model.stage_log_likelihood_maps({"odd": feature_map}, chunk=30)  # 30 fibers: whole images of 24
+    fibers, conditions = model.fibers_of(feature_map)
+    with torch.no_grad():
+        expected = model.fiber_log_likelihood_per_dim("odd", fibers, conditions).reshape(3, 4, 6)
+    torch.testing.assert_close(maps["odd"], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_cflow_loss_is_mean_negative_logsigmoid():
     assert cflow_loss(torch.zeros(5)).item() == pytest.approx(math.log(2.0))
     assert cflow_loss(torch.tensor([-3.0, 3.0])).item() == pytest.approx(
