@@ -91,6 +91,9 @@ class Config:
                              "semantic token)", ("full", "half"))
     token_dim: int = _opt("sanf", 0, "channels the flow works on; the tokens are projected on the first token_dim "
                           "principal axes of the normal training tokens (0 = all D channels, as the paper)")
+    flow_channels: int = _opt("sanf", 0, "the flow transforms the first flow_channels principal axes of the whitened "
+                              "semantic token and leaves the others as the whitened Gaussian (0 = all, as the paper): "
+                              "fewer dimensions to fit when normal images are few")
     train_noise: float = _opt("sanf", 0.0, "std of Gaussian noise added to the whitened semantic tokens while training "
                               "(0 = none, as the paper): a regulariser for few images in many dimensions")
     hidden: int = _opt("sanf", 1024, "hidden width of every coupling subnet (paper 1024)")

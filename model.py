@@ -316,7 +316,11 @@ class SANFModel(nn.Module):
     with the Ledoit-Wolf shrunk covariance S of the training semantic tokens, x = W (y - mu) with
     W = S^(-1/2) (ZCA: channels stay aligned with the backbone's). With ``token_dim`` > 0 only the
     first ``token_dim`` principal axes of S are kept (PCA whitening), so that the flow works on
-    ``token_dim`` channels instead of D. With the public code's "half" context the texture tokens
+    ``token_dim`` channels instead of D. With ``flow_channels`` k > 0 the whitening is PCA-ordered and
+    the flow transforms only the first k principal axes; the other axes pass through unchanged, so the
+    density stays over all channels and starts, like the full flow, as the shrunk Gaussian, while the
+    trainable part has k dimensions to fit with a few hundred images instead of D (with all D the
+    held-out NLL rises from the first epoch on: BENCHMARKS.md). With the public code's "half" context the texture tokens
     go through the same map, which keeps their channels aligned with the flow's input; with the
     paper's "full" context (texture tokens of any width C, e.g. an intermediate CNN stage) each
     texture channel is standardised with its mean and standard deviation over the training tokens.
@@ -331,16 +335,20 @@ class SANFModel(nn.Module):
         n_tokens: N, texture tokens per image.
         texture_dim: C, channels of the texture tokens (None: D).
         token_dim: channels the flow works on; 0 keeps all D.
+        flow_channels: k, leading principal axes the flow transforms; 0 = all of them.
         n_layers, hidden, heads, clamp, context, fusion, seed: see ``fusion.build_sanf_flow``.
     """
 
     def __init__(self, dim: int, n_tokens: int, n_layers: int = 4, hidden: int = 1024, heads: int = 4,
                  clamp: float = 3.0, context: str = "half", fusion: bool = True, seed: int = 0,
-                 token_dim: int = 0, texture_dim: int | None = None) -> None:
+                 token_dim: int = 0, texture_dim: int | None = None, flow_channels: int = 0) -> None:
         super().__init__()
         if token_dim > dim:
             raise ValueError(f"token_dim ({token_dim}) cannot exceed the token width ({dim})")
         self.flow_dim = token_dim or dim
+        if flow_channels > self.flow_dim:
+            raise ValueError(f"flow_channels ({flow_channels}) cannot exceed the {self.flow_dim} token channels")
+        self.flow_channels = flow_channels or self.flow_dim
         self.n_tokens = n_tokens
         self.texture_dim = texture_dim or dim
         self.context = context
@@ -348,8 +356,8 @@ class SANFModel(nn.Module):
         self.register_buffer("whitening", torch.eye(dim)[:, : self.flow_dim].clone())
         self.register_buffer("texture_mean", torch.zeros(self.texture_dim))
         self.register_buffer("texture_scale", torch.ones(self.texture_dim))
-        context_dim = self.flow_dim if context == "half" else self.texture_dim
-        self.flow = build_sanf_flow(self.flow_dim, n_tokens, n_layers=n_layers, hidden=hidden, heads=heads,
+        context_dim = self.flow_channels if context == "half" else self.texture_dim
+        self.flow = build_sanf_flow(self.flow_channels, n_tokens, n_layers=n_layers, hidden=hidden, heads=heads,
                                     clamp=clamp, context=context, fusion=fusion, seed=seed, context_dim=context_dim)
 
     @torch.no_grad()
@@ -360,7 +368,7 @@ class SANFModel(nn.Module):
         eigenvalues, eigenvectors = torch.linalg.eigh(torch.from_numpy(covariance))
         order = eigenvalues.argsort(descending=True)[: self.flow_dim]
         axes = eigenvectors[:, order] / eigenvalues[order].clamp_min(1e-12).sqrt()  # (D, flow_dim)
-        if self.flow_dim == len(mean):
+        if self.flow_dim == len(mean) and self.flow_channels == self.flow_dim:
             axes = axes @ eigenvectors[:, order].T  # ZCA: rotate back to the backbone's channels
         self.mean.copy_(mean)
         self.whitening.copy_(axes)
@@ -376,17 +384,19 @@ class SANFModel(nn.Module):
     def preprocess_texture(self, texture_tokens: Tensor) -> Tensor:
         """Texture tokens (..., C) → the flow's condition: the semantic map ("half") or standardised ("full")."""
         if self.context == "half":
-            return self.preprocess(texture_tokens)
+            return self.preprocess(texture_tokens)[..., : self.flow_channels]
         return (texture_tokens - self.texture_mean) / self.texture_scale
 
     def latent(self, semantic_tokens: Tensor, patch_tokens: Tensor, noise: float = 0.0) -> tuple[Tensor, Tensor]:
         """z (B, flow_dim) and log|det dz/dy| (B,) of the preprocessed semantic tokens, with Gaussian noise of
-        std ``noise`` added to them after whitening (a training-time regulariser; 0 when scoring)."""
+        std ``noise`` added to them after whitening (a training-time regulariser; 0 when scoring). The
+        flow moves the first ``flow_channels`` channels; the others are z as they are (log-det 0)."""
         whitened = self.preprocess(semantic_tokens)
         if noise > 0:
             whitened = whitened + noise * torch.randn_like(whitened)
-        z, log_jac_det = self.flow(whitened, c=[self.preprocess_texture(patch_tokens)])
-        return z, log_jac_det
+        head, tail = whitened.split([self.flow_channels, self.flow_dim - self.flow_channels], dim=-1)
+        z_head, log_jac_det = self.flow(head, c=[self.preprocess_texture(patch_tokens)])
+        return torch.cat((z_head, tail), dim=-1), log_jac_det
 
     def nll_per_dim(self, semantic_tokens: Tensor, patch_tokens: Tensor, noise: float = 0.0) -> Tensor:
         """(||z||^2 / 2 - log|det J|) / flow_dim per image (B,): the training loss (Eq. 14 per dimension)."""
@@ -408,6 +418,7 @@ DETECTOR_FORMAT = "nf-anomaly-detector/2"
 COMMON_SCORE_FIELDS = ("method", "backbone", "img_size")
 SCORE_FIELDS: dict[str, tuple[str, ...]] = {
     "sanf": ("patch_grid", "texture_layers", "token_norm", "fusion", "caff_context", "n_flow_layers", "token_dim",
+             "flow_channels",
              "hidden", "heads", "clamp", "score"),
     "knn": ("token_norm", "knn_k"),
     "gaussian": ("token_norm", "gaussian_shrinkage"),
@@ -628,7 +639,7 @@ class SANFDetector(_TokenDetector):
                 model = SANFModel(dim, n_tokens, n_layers=config.n_flow_layers, hidden=config.hidden,
                                   heads=config.heads, clamp=config.clamp, context=config.caff_context,
                                   fusion=config.fusion == "caff", seed=config.seed, token_dim=config.token_dim,
-                                  texture_dim=texture_dim)
+                                  texture_dim=texture_dim, flow_channels=config.flow_channels)
         except ValueError as error:  # shapes that do not fit the flow's settings (heads, token_dim)
             raise ConfigError(str(error)) from None
         self.model = model.to(config.device)

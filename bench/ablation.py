@@ -2,7 +2,7 @@
 SANF with CAFF over texture tokens, on every dataset given; image AUROC, mean ± std over seeds.
 
     python bench/ablation.py --cifar10 DATA/cifar10 --mvtec DATA/mvtec_ad_512 --magnetic_tile DATA/magnetic_tile
-    python bench/ablation.py --seeds 0,1,2 --cifar_max_train 1000 ...   # a quicker CIFAR-10 protocol
+    python bench/ablation.py --seeds 0,1,2 --cifar_max_train 300 --cifar_max_test 1000 ...   # a quicker CIFAR-10 protocol
 
 Every row runs ``main.run`` with the method's own defaults (no preset training values): EfficientNet-Lite0
 features, ``token_norm power`` for every method alike, 10% of the normal training images held out for
@@ -42,8 +42,11 @@ def datasets(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     lite0 = dict(backbone="tf_efficientnet_lite0", token_norm="power")
     chosen = {"digits": dict(dataset="digits", img_size=64, patch_grid=2, **lite0)}
     if args.cifar10:
-        chosen["CIFAR-10"] = dict(dataset="cifar10", data_root=args.cifar10, img_size=224, patch_grid=3,
-                                  max_train_per_class=args.cifar_max_train, **lite0)
+        quick = [f"{args.cifar_max_train} train/class"] * bool(args.cifar_max_train) + \
+            [f"{args.cifar_max_test} test"] * bool(args.cifar_max_test)
+        name = "CIFAR-10" + (f" ({', '.join(quick)})" if quick else "")
+        chosen[name] = dict(dataset="cifar10", data_root=args.cifar10, img_size=224, patch_grid=3,
+                            max_train_per_class=args.cifar_max_train, max_test=args.cifar_max_test, **lite0)
     if args.mvtec:
         chosen["bottle"] = dict(dataset="folder", data_root=str(Path(args.mvtec) / "bottle"), img_size=224,
                                 patch_grid=3, **lite0)
@@ -66,6 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="bench/ablation.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cifar10", help="CIFAR-10 folder (full protocol unless --cifar_max_train)")
     parser.add_argument("--cifar_max_train", type=int, default=0, help="training images per class (0 = all)")
+    parser.add_argument("--cifar_max_test", type=int, default=0, help="test images, a seeded subset (0 = all 10,000)")
     parser.add_argument("--mvtec", help="MVTec AD folder holding bottle/")
     parser.add_argument("--magnetic_tile", help="magnetic-tile folder (MVTec layout)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")

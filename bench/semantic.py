@@ -5,8 +5,8 @@
 
 Runs ``main.py``'s job four times on the same cached features (extracting what the cache lacks
 first, timed separately): SANF-AD with CAFF, SANF-AD without CAFF (``fusion=none``), kNN and the
-Gaussian baseline, every one with the settings of the given preset/overrides and a fixed number of
-epochs. Prints a markdown table (per-class and mean AUROC, training and scoring seconds, ratios
+Gaussian baseline, every one with the settings of the given preset/overrides (epochs: at most ``epochs``, the best
+held-out epoch kept). Prints a markdown table (per-class and mean AUROC, training and scoring seconds, ratios
 against kNN) and writes it to ``<results_dir>/bench_semantic.md``; each method's full results stay
 in its own ``results_dir`` folder.
 """
@@ -72,7 +72,8 @@ def main() -> None:
     first = rows[0][1]["per_class"][next(iter(rows[0][1]["per_class"]))]
     header = (f"{base.dataset} one-class protocol ({first['n_fit']} training images per class fitted, {first['n_held_out']} "
               f"held out for every method, {first['n_test']} test images), {base.backbone} at {base.img_size} px, patch grid {base.patch_grid}; SANF: "
-              f"{base.n_flow_layers} flow layers, hidden {base.hidden}, {base.epochs} epochs, batch {base.batch_size}, "
+              f"{base.n_flow_layers} flow layers, hidden {base.hidden}, {base.epochs} epochs at most (patience {base.patience}), "
+              f"batch {base.batch_size}, "
               f"lr {base.lr:g}, weight decay {base.weight_decay:g}, score {base.score}; kNN k={base.knn_k}; "
               f"token_norm {base.token_norm} for every method. {torch.get_num_threads()} CPU threads.")
     footer = (f"Wall time: feature extraction (what the cache lacked) {extract_seconds:.0f} s, whole run "

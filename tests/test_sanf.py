@@ -75,6 +75,35 @@ def test_untrained_nll_is_the_shrunk_gaussian_mahalanobis_distance():
     assert torch.allclose(model.anomaly_score(semantic[:7], patches[:7], "z2"), mahalanobis / 16, atol=1e-9)
 
 
+@pytest.mark.parametrize("context", ["full", "half"])
+def test_flow_on_leading_axes_log_det_matches_autograd_and_leaves_the_rest(context):
+    """flow_channels k = 8 of 16: z's last D - k channels are the whitened token's; log|det dz/dy| of the whole map
+    (whitening included) equals the model's log-det plus log|det W|, against autograd's full Jacobian."""
+    model = SANFModel(dim=16, n_tokens=3, n_layers=2, hidden=8, heads=2, context=context, flow_channels=8).double()
+    semantic, patches = correlated_tokens(300)
+    model.fit_preprocessing(semantic, patches)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.flow.parameters():
+            parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+    sample, context_tokens = semantic[:3], patches[:3]
+    z, log_det = model.latent(sample, context_tokens)
+    whitened = model.preprocess(sample)
+    assert torch.equal(z[:, 8:], whitened[:, 8:]) and not torch.allclose(z[:, :8], whitened[:, :8])
+    whitening_log_det = torch.linalg.slogdet(model.whitening)[1]
+    for row in range(3):
+        jacobian = torch.autograd.functional.jacobian(
+            lambda y: model.latent(y[None], context_tokens[row:row + 1])[0][0], sample[row])
+        torch.testing.assert_close(torch.linalg.slogdet(jacobian)[1], log_det[row] + whitening_log_det)
+    nll = model.nll_per_dim(sample, context_tokens)
+    torch.testing.assert_close(nll, (0.5 * z.pow(2).sum(dim=1) - log_det) / 16)
+
+
+def test_flow_channels_beyond_the_token_width_are_refused():
+    with pytest.raises(ValueError, match="flow_channels .17. cannot exceed the 16 token channels"):
+        SANFModel(dim=16, n_tokens=3, n_layers=2, hidden=8, heads=2, flow_channels=17)
+
+
 def test_training_lowers_the_nll_and_fusion_reads_the_patches():
     config = make_config("demo", epochs=5, batch_size=50, lr=1e-3, hidden=8, heads=2, n_flow_layers=2)
     semantic, patches = correlated_tokens(400)
