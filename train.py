@@ -182,6 +182,28 @@ def train_sanf(model: nn.Module, fit: dict[str, Tensor], held_out: dict[str, Ten
 # ----------------------------------------------------------------------------- CFLOW
 
 
+def stage_loss_function(model: nn.Module, compile_it: bool) -> Callable[[str, Tensor, Tensor], Tensor]:
+    """``loss(stage, fibers, conditions)``: the CFLOW loss of a chunk under its stage's flow, compiled by
+    ``torch.compile`` (one graph per stage, forward and backward) when ``compile_it``."""
+
+    def loss(stage: str, fibers: Tensor, conditions: Tensor) -> Tensor:
+        return cflow_loss(model.fiber_log_likelihood_per_dim(stage, fibers, conditions))
+
+    if not compile_it:
+        return loss
+    compiled = torch.compile(loss)
+
+    def checked(stage: str, fibers: Tensor, conditions: Tensor) -> Tensor:
+        try:
+            return compiled(stage, fibers, conditions)
+        except Exception as error:  # inductor's failures have many classes; all mean the same to a user
+            raise TrainingError(f"--compile failed ({type(error).__name__}: {str(error)[:300]}); it needs a working "
+                                "C++ compiler (g++) for torch.compile's CPU backend; install one or drop --compile") \
+                from error
+
+    return checked
+
+
 def train_cflow(model: nn.Module, fit: StageBatches, held_out: StageBatches | None, config: Config,
                 name: str) -> dict[str, Any]:
     """CFLOW-AD training; the stages' decoders share one Adam (a step only moves its chunk's decoder).
@@ -192,6 +214,7 @@ def train_cflow(model: nn.Module, fit: StageBatches, held_out: StageBatches | No
     """
     generator = seed_everything(config.seed)
     optimizer = _adam(model.parameters(), config)
+    stage_loss = stage_loss_function(model, config.compile)
     fibers_per_epoch = 0
 
     def run_epoch(epoch: int) -> float:
@@ -206,7 +229,7 @@ def train_cflow(model: nn.Module, fit: StageBatches, held_out: StageBatches | No
                     fibers, conditions = model.fibers_of(feature_map)
                 for chunk in shuffled_fiber_chunks(fibers, conditions, config.fiber_batch, generator):
                     with record_function("train.forward"):
-                        loss = cflow_loss(model.fiber_log_likelihood_per_dim(stage, *chunk))
+                        loss = stage_loss(stage, *chunk)
                     loss_sum += _step(loss, optimizer, model.decoder(stage).parameters(), config, where) * len(chunk[0])
                     count += len(chunk[0])
         fibers_per_epoch = count

@@ -4,6 +4,7 @@ Run from the repository root: python -m pytest tests/test_cflow.py -q
 """
 
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from anomaly_map import AnomalyMapGenerator, ScoringRule, stage_statistics
 from config import Config, make_config
 from model import CFlowDetector, CFlowModel, StageFeatures, build_cflow_decoder, positional_encoding_2d
 from report import cflow_table, figure_indices
-from train import TrainingError, cflow_loss, shuffled_fiber_chunks, train_cflow
+from train import TrainingError, cflow_loss, shuffled_fiber_chunks, stage_loss_function, train_cflow
 
 OFFICIAL_GCONST = -0.9189385332046727  # ln(1/sqrt(2 pi)), ``_GCONST_`` in the official code
 
@@ -187,6 +188,34 @@ def test_folded_maps_equal_freia_on_every_fiber_with_odd_channels(permute_soft):
     with torch.no_grad():
         expected = model.fiber_log_likelihood_per_dim("odd", fibers, conditions).reshape(3, 4, 6)
     torch.testing.assert_close(maps["odd"], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile's CPU backend needs a C++ compiler (g++)")
+def test_compiled_training_loss_and_gradients_equal_eager():
+    model = perturbed(CFlowModel({"s": 6}, condition_dims=8, n_blocks=2), seed=5)
+    generator = torch.Generator().manual_seed(6)
+    fibers, conditions = torch.randn(16, 6, generator=generator), torch.randn(16, 8, generator=generator)
+    results = []
+    for compile_it in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss = stage_loss_function(model, compile_it)("s", fibers, conditions)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    for compiled_grad, eager_grad in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_failing_compile_stops_with_the_fix(monkeypatch):
+    def broken(function):
+        def raise_error(*args):
+            raise RuntimeError("no compiler found")
+        return raise_error
+
+    monkeypatch.setattr(torch, "compile", broken)
+    loss = stage_loss_function(CFlowModel({"s": 4}, condition_dims=8, n_blocks=1), True)
+    with pytest.raises(TrainingError, match="--compile failed .*no compiler found.*C\\+\\+ compiler.*drop --compile"):
+        loss("s", torch.randn(3, 4), torch.randn(3, 8))
 
 
 def test_cflow_loss_is_mean_negative_logsigmoid():
