@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -533,7 +534,8 @@ class Detector:
 
         ``held_out_images`` are the held-out images themselves (CFLOW ``scoring auto`` makes defective
         copies of them)."""
-        self.info = self._fit(fit, held_out, name, held_out_images)
+        started = time.perf_counter()
+        self.info = {**self._fit(fit, held_out, name, held_out_images), "fit_seconds": time.perf_counter() - started}
         reference = fit if held_out is None or self.count(held_out) == 0 else held_out
         scores = self.score(reference)[0]
         quantile = 1.0 - self.config.threshold_fpr

@@ -91,8 +91,9 @@ def keep_best_epoch(module: nn.Module, epochs: int, run_epoch: Callable[[int], f
     they would cost buys nothing the kept weights can use.
 
     Returns:
-        ``curve`` (one record per epoch, epoch 0 first), ``kept_epoch`` and ``held_out_nll`` of the
-        kept weights (NaN without held-out images).
+        ``curve`` (one record per epoch, epoch 0 first: its training loss, the seconds its training took and
+        the held-out NLL), ``kept_epoch`` and ``held_out_nll`` of the kept weights (NaN without held-out
+        images).
     """
     curve: list[dict[str, float]] = []
     best_epoch, best_nll, best_state = epochs, math.nan, None
@@ -102,7 +103,8 @@ def keep_best_epoch(module: nn.Module, epochs: int, run_epoch: Callable[[int], f
         curve.append({"epoch": 0, "held_out_nll": best_nll})
     with tqdm(range(1, epochs + 1), desc=desc, unit="epoch") as progress:
         for epoch in progress:
-            record = {"epoch": epoch, "train_loss": run_epoch(epoch)}
+            started = time.perf_counter()
+            record = {"epoch": epoch, "train_loss": run_epoch(epoch), "seconds": time.perf_counter() - started}
             if held_out_nll is not None:
                 record["held_out_nll"] = nll = held_out_nll()
                 if math.isfinite(nll) and not nll >= best_nll:

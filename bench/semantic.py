@@ -48,15 +48,15 @@ def method_rows(base: Config) -> list[tuple[Config, dict[str, Any]]]:
 def table(rows: list[tuple[Config, dict[str, Any]]]) -> str:
     names = list(rows[0][1]["per_class"])
     knn_mean = next(p["mean"]["image_auroc"] for c, p in rows if c.method == "knn")
-    lines = ["| method | " + " | ".join(names) + " | mean AUROC | vs kNN | train s | score s |",
+    lines = ["| method | " + " | ".join(names) + " | mean AUROC | vs kNN | fit s | score s |",
              "|---" * (len(names) + 5) + "|"]
     for config, payload in rows:
         per_class, mean = payload["per_class"], payload["mean"]
-        train_seconds = sum(m["train_seconds"] for m in per_class.values())
+        fit_seconds = sum(m["fit_seconds"] for m in per_class.values())
         score_seconds = sum(m["score_seconds"] for m in per_class.values())
         lines.append(f"| {method_label(config)} | " + " | ".join(f"{per_class[n]['image_auroc']:.3f}" for n in names)
                      + f" | **{mean['image_auroc']:.4f}** | {mean['image_auroc'] - knn_mean:+.4f} | "
-                     f"{train_seconds:.0f} | {score_seconds:.1f} |")
+                     f"{fit_seconds:.0f} | {score_seconds:.1f} |")
     return "\n".join(lines)
 
 
