@@ -159,7 +159,7 @@ class Config:
     device: str = _opt("run", "cpu", "torch device: cpu, cuda, cuda:1, ...")
     threads: int = _opt("run", 0, "torch CPU threads (0 = all cores)")
     compile: bool = _opt("run", False, "CFLOW: torch.compile the training step's flow and loss (inductor; needs a C++ "
-                         "compiler; about half a minute of compilation per stage in the first epoch): fewer, fused "
+                         "compiler; about 10 s of compilation per stage in the first epoch): fewer, fused "
                          "kernels per Adam step, which matters at small fiber batches; same numbers up to rounding")
     results_dir: str = _opt("run", "results", "results folder")
     eval_only: bool = _opt("run", False, "main.py: rescore from the saved checkpoints without training")
