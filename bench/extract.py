@@ -40,13 +40,19 @@ def bare_forward_rate(extractor: FeatureExtractor, batches: list[torch.Tensor]) 
     return sum(len(b) for b in batches) / (time.perf_counter() - started)
 
 
+def pop_bench_images(argv: list[str], default: int) -> int:
+    """Take ``--bench_images N`` out of ``argv`` (main.py's parser does not know it); N, else ``default``."""
+    if "--bench_images" not in argv:
+        return default
+    position = argv.index("--bench_images")
+    count = int(argv.pop(position + 1))
+    argv.pop(position)
+    return count
+
+
 def main() -> None:
     argv = sys.argv[1:]
-    count = 2000
-    if "--bench_images" in argv:
-        position = argv.index("--bench_images")
-        count = int(argv.pop(position + 1))
-        argv.pop(position)
+    count = pop_bench_images(argv, 2000)
     config = parse_args(argv)
     tasks = load_tasks(config)
     images = tasks[0].test.subset(torch.arange(min(count, len(tasks[0].test))).numpy())

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.extract import pop_bench_images  # noqa: E402
 from config import parse_args  # noqa: E402
 from datasets import load_tasks  # noqa: E402
 from extractor import FeatureExtractor, cached_features, folder_bytes, task_features  # noqa: E402
@@ -71,11 +72,7 @@ def main() -> None:
     argv = sys.argv[1:]
     full = "--full" in argv
     argv = [a for a in argv if a != "--full"]
-    count = 1000
-    if "--bench_images" in argv:
-        position = argv.index("--bench_images")
-        count = int(argv.pop(position + 1))
-        argv.pop(position)
+    count = pop_bench_images(argv, 1000)
     config = parse_args(argv)
     runs = [(f"{count:,} test images, glibc defaults", in_child(argv, count, False)),
             (f"{count:,} test images, freed memory kept", in_child(argv, count, True))]
