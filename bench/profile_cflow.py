@@ -1,6 +1,7 @@
 """Where the time of CFLOW-AD goes: one training epoch, and scoring new images (the predict path).
 
     python bench/profile_cflow.py --preset cflow_lite0 --data_root DATA/mvtec_ad_512 --classes bottle
+    python bench/profile_cflow.py ... --fiber_batch 64 --lr 1e-4 --bench_images 48   # a part of the epoch
 
 Runs one training epoch on the cached features of the category (the method's own settings unless
 flags say otherwise) and then ``predict.predict`` over its test images, both under
@@ -8,6 +9,8 @@ flags say otherwise) and then ``predict.predict`` over its test images, both und
 (``train.*`` in train.py, ``predict.*`` in model.py / predict.py). What no label covers is listed as
 "rest" (data loading: batch indexing for training; image decoding and resizing for predict). The
 profiler's own overhead is the ratio of the profiled to an unprofiled run of the same work.
+``--bench_images N`` trains the profiled epoch on the first N fit images only: the profiler keeps every
+operator event in memory, and a whole epoch of 64-fiber steps outgrew 24 GB.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import predict  # noqa: E402
+from bench.extract import pop_bench_images  # noqa: E402
 from config import Config, parse_args  # noqa: E402
 from datasets import held_out_split, load_tasks  # noqa: E402
 from extractor import FeatureExtractor, task_features  # noqa: E402
@@ -59,17 +63,21 @@ def one_epoch(config: Config, fit: StageFeatures) -> float:
 
 
 def main() -> None:
-    config = dataclasses.replace(parse_args(sys.argv[1:]), method="cflow")
+    argv = sys.argv[1:]
+    images_profiled = pop_bench_images(argv, 0)
+    config = dataclasses.replace(parse_args(argv), method="cflow")
     configure_torch(config)
     task = load_tasks(config)[0]
     extractor = FeatureExtractor(config)
     train_arrays, _ = task_features(extractor, task, config)
     fit_index, _ = held_out_split(len(task.train), config.val_fraction, config.seed)
+    if images_profiled:
+        fit_index = fit_index[:images_profiled]
     fit = StageFeatures.from_arrays({k: v[fit_index] for k, v in train_arrays.items()}, config.device)
     plain = one_epoch(config, fit)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         profiled = one_epoch(config, fit)
-    print(table(f"One training epoch, {task.name}, {config.fiber_batch} fibers per step", profiled,
+    print(table(f"One training epoch, {task.name} ({len(fit)} images), {config.fiber_batch} fibers per step", profiled,
                 labelled_seconds(prof, "train."), profiled / plain))
 
     with tempfile.TemporaryDirectory() as folder:
