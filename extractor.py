@@ -32,7 +32,6 @@ import sys
 import time
 import uuid
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -367,21 +366,7 @@ def image_batches(images: ImageList, config: Config, start: int = 0,
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size or config.extract_batch_size,
                                          num_workers=config.num_workers, shuffle=False,
                                          generator=torch.Generator().manual_seed(config.seed))
-    yield from loader if config.num_workers else read_ahead(iter(loader))
-
-
-def read_ahead(batches: Iterator[Tensor]) -> Iterator[Tensor]:
-    """``batches`` in order, the next one read on a background thread while the caller works on this one.
-
-    Without loader workers the DataLoader decodes a batch only when asked, so the backbone waits for
-    the decoder and the decoder for the backbone. Pillow and torch release the GIL while decoding,
-    resizing and computing, so one thread reading ahead overlaps the two. A reading error is raised
-    here, at the batch it belongs to."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as pool:
-        pending = pool.submit(next, batches, None)
-        while (batch := pending.result()) is not None:
-            pending = pool.submit(next, batches, None)
-            yield batch
+    yield from loader
 
 
 # ----------------------------------------------------------------------------- cache

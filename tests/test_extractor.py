@@ -1,6 +1,5 @@
 """Backbones and the feature cache: weights, traced graph, round trip, resume, staleness."""
 
-import dataclasses
 import json
 
 import numpy as np
@@ -169,26 +168,3 @@ def test_cache_that_does_not_fit_is_refused_up_front(tmp_path, demo_extractor, m
     with pytest.raises(CacheError, match="needs .* GB"):
         cached_features(demo_extractor, task.train, "unit", config)
     assert not list(cache_folder(config).glob("unit*"))
-
-
-def test_read_ahead_keeps_order_and_raises_at_the_failing_batch():
-    def batches():
-        yield torch.zeros(1)
-        yield torch.ones(1)
-        raise ValueError("batch 3 is unreadable")
-
-    seen = []
-    with pytest.raises(ValueError, match="batch 3"):
-        for batch in extractor.read_ahead(batches()):
-            seen.append(batch.item())
-    assert seen == [0.0, 1.0]
-
-
-def test_in_process_batches_equal_worker_batches():
-    """The read-ahead thread (no workers) gives the batches the DataLoader's worker process gives."""
-    config = make_config("demo", **SMALL)
-    images = load_tasks(config)[0].train
-    in_process = list(extractor.image_batches(images, config, start=3))
-    with_worker = list(extractor.image_batches(images, dataclasses.replace(config, num_workers=1), start=3))
-    assert len(in_process) == len(with_worker) == 3
-    assert all(torch.equal(a, b) for a, b in zip(in_process, with_worker))
