@@ -321,8 +321,8 @@ class SANFModel(nn.Module):
     the flow transforms only the first k principal axes; the other axes pass through unchanged, so the
     density stays over all channels and starts, like the full flow, as the shrunk Gaussian, while the
     trainable part has k dimensions to fit with a few hundred images instead of D (with all D the
-    held-out NLL rises from the first epoch on: BENCHMARKS.md). With the public code's "half" context the texture tokens
-    go through the same map, which keeps their channels aligned with the flow's input; with the
+    held-out NLL rises from the first epoch on: BENCHMARKS.md). With the public code's "half" context
+    the texture tokens go through the same map, which keeps their channels aligned with the flow's input; with the
     paper's "full" context (texture tokens of any width C, e.g. an intermediate CNN stage) each
     texture channel is standardised with its mean and standard deviation over the training tokens.
 
@@ -419,8 +419,7 @@ DETECTOR_FORMAT = "nf-anomaly-detector/2"
 COMMON_SCORE_FIELDS = ("method", "backbone", "img_size")
 SCORE_FIELDS: dict[str, tuple[str, ...]] = {
     "sanf": ("patch_grid", "texture_layers", "token_norm", "fusion", "caff_context", "n_flow_layers", "token_dim",
-             "flow_channels",
-             "hidden", "heads", "clamp", "score"),
+             "flow_channels", "hidden", "heads", "clamp", "score"),
     "knn": ("token_norm", "knn_k"),
     "gaussian": ("token_norm", "gaussian_shrinkage"),
     "cflow": ("layers", "condition_dims", "n_flow_layers", "clamp", "permute_soft", "map_norm", "scoring"),
@@ -529,7 +528,8 @@ class Detector:
             self.weights_source = extractor.weights_source
         return self._extractor
 
-    def fit(self, fit: Any, held_out: Any | None, name: str, held_out_images: ImageList | None = None) -> dict[str, Any]:
+    def fit(self, fit: Any, held_out: Any | None, name: str,
+            held_out_images: ImageList | None = None) -> dict[str, Any]:
         """Train on the fit images' features; set the threshold from the held-out ones (see the class doc).
 
         ``held_out_images`` are the held-out images themselves (CFLOW ``scoring auto`` makes defective

@@ -172,8 +172,8 @@ def train_sanf(model: nn.Module, fit: dict[str, Tensor], held_out: dict[str, Ten
         return torch.cat(values).mean().item()
 
     started = time.perf_counter()
-    result = keep_best_epoch(model, config.epochs, run_epoch, None if held_out is None else held_out_nll, f"{name} sanf",
-                             config.patience)
+    result = keep_best_epoch(model, config.epochs, run_epoch, None if held_out is None else held_out_nll,
+                             f"{name} sanf", config.patience)
     model.eval()
     seconds = time.perf_counter() - started
     epochs_run = len(result["curve"]) - (held_out is not None)

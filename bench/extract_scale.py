@@ -85,7 +85,8 @@ def main() -> None:
           "cache bytes / image | peak memory (GB) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for label, run in runs:
-        print(f"| {label} | {run['images']:,} | {run['seconds']:.1f} | {run['rate']:.1f} | {run['rate'] / reference:.2f} | "
+        print(f"| {label} | {run['images']:,} | {run['seconds']:.1f} | {run['rate']:.1f} | "
+              f"{run['rate'] / reference:.2f} | "
               f"{run['faults']:,.0f} | {run['kernel']:.1%} | {run['bytes']:,.0f} | {run['peak_gb']:.2f} |")
 
 
