@@ -146,6 +146,10 @@ class Config:
                          "the held-out NLL (the kept weights are the best epoch's either way); 0 = run every epoch. "
                          "SANF 1: its held-out NLL has risen monotonically once it rose (BENCHMARKS.md); CFLOW 2: "
                          "its curve has single-epoch bumps")
+    held_out_checks: int = _opt("training", 1, "SANF: held-out NLL measurements per epoch, each after an equal share "
+                                "of its batches (1 = after every epoch); with more, the kept weights may come from "
+                                "within an epoch and patience counts measurements, so a flow that only worsens stops "
+                                "after a fraction of an epoch")
     threshold_fpr: float = _opt("training", 0.01, "decision threshold = the (1 - threshold_fpr) quantile of the "
                                 "held-out normal images' scores (no test image is used)")
 
@@ -292,7 +296,7 @@ def validate(config: Config) -> None:
         if _TYPES[name] in (int, float) and value < 0:
             raise ConfigError(f"{name} must be >= 0, got {value}")
     for name in ("img_size", "n_flow_layers", "hidden", "heads", "batch_size", "fiber_batch", "test_batch_size",
-                 "extract_batch_size", "knn_k", "condition_dims", "patch_grid"):
+                 "extract_batch_size", "knn_k", "condition_dims", "patch_grid", "held_out_checks"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
     if not config.gaussian_shrinkage <= 1:

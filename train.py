@@ -79,20 +79,23 @@ def shuffled_fiber_chunks(
         yield fibers[chunk], conditions[chunk]
 
 
-def keep_best_epoch(module: nn.Module, epochs: int, run_epoch: Callable[[int], float],
-                    held_out_nll: Callable[[], float] | None, desc: str, patience: int = 0) -> dict[str, Any]:
-    """Run up to ``epochs`` epochs; keep the weights of the epoch with the lowest held-out NLL.
+def keep_best_epoch(module: nn.Module, epochs: int, run_epoch: Callable[[int], Iterator[float]],
+                    held_out_nll: Callable[[], float] | None, desc: str, patience: int = 0,
+                    checks_per_epoch: int = 1) -> dict[str, Any]:
+    """Run up to ``epochs`` epochs; keep the weights with the lowest held-out NLL seen.
 
-    ``run_epoch(epoch)`` trains one epoch (1-based) and returns its mean training loss;
-    ``held_out_nll()`` measures the held-out images' NLL per dimension (None: no held-out images,
-    every epoch runs and the last one is kept, as in the papers). Epoch 0 is the untrained start,
-    so training never ends worse on the held-out images than it started. With ``patience`` > 0,
-    training stops once that many epochs in a row have not improved on the best held-out NLL: what
-    they would cost buys nothing the kept weights can use.
+    ``run_epoch(epoch)`` trains epoch ``epoch`` (1-based) in ``checks_per_epoch`` parts and yields each
+    part's mean training loss once the part is done; ``held_out_nll()`` measures the held-out images'
+    NLL per dimension after every part (None: no held-out images, every epoch runs and the last weights
+    are kept, as in the papers). Position 0 is the untrained start, so training never ends worse on the
+    held-out images than it started. With ``patience`` > 0, training stops once that many measurements
+    in a row have not improved on the best held-out NLL: what they would cost buys nothing the kept
+    weights can use (with one measurement per epoch, that many epochs).
 
     Returns:
-        ``curve`` (one record per epoch, epoch 0 first: its training loss, the seconds its training took and
-        the held-out NLL), ``kept_epoch`` and ``held_out_nll`` of the kept weights (NaN without held-out
+        ``curve`` (one record per measurement, the start first: the position in epochs, the part's training
+        loss and seconds and the held-out NLL), ``kept_epoch`` (the position of the kept weights, an int
+        with one measurement per epoch) and ``held_out_nll`` of the kept weights (NaN without held-out
         images).
     """
     curve: list[dict[str, float]] = []
@@ -101,19 +104,28 @@ def keep_best_epoch(module: nn.Module, epochs: int, run_epoch: Callable[[int], f
         best_epoch, best_nll = 0, held_out_nll()
         best_state = copy.deepcopy(module.state_dict())
         curve.append({"epoch": 0, "held_out_nll": best_nll})
+    since_best, stop = 0, False
     with tqdm(range(1, epochs + 1), desc=desc, unit="epoch") as progress:
         for epoch in progress:
             started = time.perf_counter()
-            record = {"epoch": epoch, "train_loss": run_epoch(epoch), "seconds": time.perf_counter() - started}
-            if held_out_nll is not None:
+            for part, loss in enumerate(run_epoch(epoch), start=1):
+                position = epoch if checks_per_epoch == 1 else round(epoch - 1 + part / checks_per_epoch, 6)
+                record = {"epoch": position, "train_loss": loss, "seconds": time.perf_counter() - started}
+                curve.append(record)
+                if held_out_nll is None:
+                    progress.set_postfix(loss=f"{loss:.4f}")
+                    continue
                 record["held_out_nll"] = nll = held_out_nll()
+                since_best += 1
                 if math.isfinite(nll) and not nll >= best_nll:
-                    best_epoch, best_nll, best_state = epoch, nll, copy.deepcopy(module.state_dict())
-                progress.set_postfix(loss=f"{record['train_loss']:.4f}", held_out=f"{nll:.4f}", kept=best_epoch)
-            else:
-                progress.set_postfix(loss=f"{record['train_loss']:.4f}")
-            curve.append(record)
-            if held_out_nll is not None and patience and epoch - best_epoch >= patience:
+                    best_epoch, best_nll, best_state = position, nll, copy.deepcopy(module.state_dict())
+                    since_best = 0
+                progress.set_postfix(loss=f"{loss:.4f}", held_out=f"{nll:.4f}", kept=best_epoch)
+                stop = bool(patience) and since_best >= patience
+                if stop:
+                    break
+                started = time.perf_counter()
+            if stop:
                 break
     if best_state is not None:
         module.load_state_dict(best_state)
@@ -156,13 +168,18 @@ def train_sanf(model: nn.Module, fit: dict[str, Tensor], held_out: dict[str, Ten
     optimizer = _adam(parameters, config)
     count = len(fit["sem"])
 
-    def run_epoch(epoch: int) -> float:
-        model.train()
-        losses = []
-        for batch, index in enumerate(torch.randperm(count, generator=generator).split(config.batch_size)):
-            loss = model.nll_per_dim(fit["sem"][index], fit["patches"][index], config.train_noise).mean()
-            losses.append(_step(loss, optimizer, parameters, config, f"epoch {epoch}, batch {batch + 1} of '{name}'"))
-        return sum(losses) / len(losses)
+    def run_epoch(epoch: int) -> Iterator[float]:
+        batches = torch.randperm(count, generator=generator).split(config.batch_size)
+        parts = torch.arange(len(batches)).tensor_split(min(config.held_out_checks, len(batches)))
+        for part in parts:
+            model.train()
+            losses = []
+            for batch in part.tolist():
+                index = batches[batch]
+                loss = model.nll_per_dim(fit["sem"][index], fit["patches"][index], config.train_noise).mean()
+                where = f"epoch {epoch}, batch {batch + 1} of '{name}'"
+                losses.append(_step(loss, optimizer, parameters, config, where))
+            yield sum(losses) / len(losses)
 
     @torch.no_grad()
     def held_out_nll() -> float:
@@ -172,11 +189,12 @@ def train_sanf(model: nn.Module, fit: dict[str, Tensor], held_out: dict[str, Ten
         return torch.cat(values).mean().item()
 
     started = time.perf_counter()
+    checks = config.held_out_checks if held_out is not None else 1
     result = keep_best_epoch(model, config.epochs, run_epoch, None if held_out is None else held_out_nll,
-                             f"{name} sanf", config.patience)
+                             f"{name} sanf", config.patience, checks)
     model.eval()
     seconds = time.perf_counter() - started
-    epochs_run = len(result["curve"]) - (held_out is not None)
+    epochs_run = result["curve"][-1]["epoch"] if result["curve"] else 0
     return {**result, "train_seconds": seconds, "epochs_run": epochs_run,
             "train_images_per_second": count * epochs_run / max(seconds, 1e-9)}
 
@@ -219,7 +237,7 @@ def train_cflow(model: nn.Module, fit: StageBatches, held_out: StageBatches | No
     stage_loss = stage_loss_function(model, config.compile)
     fibers_per_epoch = 0
 
-    def run_epoch(epoch: int) -> float:
+    def run_epoch(epoch: int) -> Iterator[float]:
         nonlocal fibers_per_epoch
         model.train()
         loss_sum, count = 0.0, 0
@@ -235,7 +253,7 @@ def train_cflow(model: nn.Module, fit: StageBatches, held_out: StageBatches | No
                     loss_sum += _step(loss, optimizer, model.decoder(stage).parameters(), config, where) * len(chunk[0])
                     count += len(chunk[0])
         fibers_per_epoch = count
-        return loss_sum / max(count, 1)
+        yield loss_sum / max(count, 1)
 
     @torch.no_grad()
     def held_out_nll() -> float:

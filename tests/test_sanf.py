@@ -146,9 +146,9 @@ def test_the_epoch_with_the_lowest_held_out_nll_is_kept_epoch_0_included(held_ou
     module = _Weight()
     measured = iter(held_out_curve)
 
-    def run_epoch(epoch: int) -> float:
+    def run_epoch(epoch: int):
         module.value.data.fill_(float(epoch))  # the weights after epoch e hold e
-        return 0.0
+        yield 0.0
 
     result = keep_best_epoch(module, 3, run_epoch, lambda: next(measured), "toy")
     assert result["kept_epoch"] == kept and module.value.item() == kept
@@ -161,13 +161,53 @@ def test_patience_stops_once_the_held_out_nll_stops_improving():
     measured = iter([1.0, 0.8, 0.9, 0.85, 0.7, 0.6])
     epochs_run = []
 
-    def run_epoch(epoch: int) -> float:
+    def run_epoch(epoch: int):
         epochs_run.append(epoch)
         module.value.data.fill_(float(epoch))
-        return 0.0
+        yield 0.0
 
     result = keep_best_epoch(module, 5, run_epoch, lambda: next(measured), "toy", patience=2)
     assert epochs_run == [1, 2, 3] and result["kept_epoch"] == 1 and module.value.item() == 1
+
+
+def test_measurements_within_an_epoch_keep_a_part_and_stop_after_a_fraction_of_an_epoch():
+    """4 measurements per epoch: the weights after part p of epoch e hold e - 1 + p / 4. A flow that only
+    worsens stops after its first quarter epoch (patience 1) and keeps the start; one that improves until
+    1.5 keeps the weights of that measurement and stops at 1.75."""
+    for held_out_curve, kept, parts_run in (([1.0, 1.1, 1.2], 0, 1), ([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.45],
+                                                                       1.5, 7)):
+        module, measured, positions = _Weight(), iter(held_out_curve), []
+
+        def run_epoch(epoch: int):
+            for part in range(1, 5):
+                positions.append(epoch - 1 + part / 4)
+                module.value.data.fill_(positions[-1])
+                yield 0.0
+
+        result = keep_best_epoch(module, 3, run_epoch, lambda: next(measured), "toy", patience=1, checks_per_epoch=4)
+        assert len(positions) == parts_run and result["kept_epoch"] == kept and module.value.item() == kept
+        assert [r["epoch"] for r in result["curve"]] == [0, *positions]
+
+
+def test_held_out_measurements_do_not_change_the_training_trajectory():
+    """With patience 0 every epoch runs; measuring 4 times per epoch must leave the weights at each epoch's end
+    as measuring once does (same batches, no random draws, no state change), so the held-out NLL at
+    positions 1, 2, 3 is the same either way."""
+    semantic, patches = correlated_tokens(300)
+    features = {"sem": semantic.float(), "patches": patches.float()}
+    fit = {key: value[:240] for key, value in features.items()}
+    held_out = {key: value[240:] for key, value in features.items()}
+    curves = {}
+    for checks in (1, 4):
+        config = make_config("demo", epochs=3, batch_size=20, lr=1e-3, hidden=8, heads=2, n_flow_layers=2,
+                             patience=0, held_out_checks=checks)
+        torch.manual_seed(0)  # the subnets' initial weights
+        model = SANFModel(16, 3, n_layers=2, hidden=8, heads=2)
+        model.fit_preprocessing(fit["sem"])
+        curves[checks] = {r["epoch"]: r["held_out_nll"] for r in train_sanf(model, fit, held_out, config, "toy")["curve"]}
+    assert sorted(curves[4]) == [0, *(k / 4 for k in range(1, 13))]
+    for epoch in (0, 1, 2, 3):
+        assert curves[4][epoch] == curves[1][epoch]
 
 
 def test_demo_end_to_end_writes_results_and_rescores_from_checkpoints(tmp_path):
