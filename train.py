@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import torch
@@ -104,32 +104,35 @@ def keep_best_epoch(module: nn.Module, epochs: int, run_epoch: Callable[[int], I
         best_epoch, best_nll = 0, held_out_nll()
         best_state = copy.deepcopy(module.state_dict())
         curve.append({"epoch": 0, "held_out_nll": best_nll})
-    since_best, stop = 0, False
+    since_best = 0
     with tqdm(range(1, epochs + 1), desc=desc, unit="epoch") as progress:
-        for epoch in progress:
-            started = time.perf_counter()
-            for part, loss in enumerate(run_epoch(epoch), start=1):
-                position = epoch if checks_per_epoch == 1 else round(epoch - 1 + part / checks_per_epoch, 6)
-                record = {"epoch": position, "train_loss": loss, "seconds": time.perf_counter() - started}
-                curve.append(record)
-                if held_out_nll is None:
-                    progress.set_postfix(loss=f"{loss:.4f}")
-                    continue
+        started = time.perf_counter()
+        for position, loss in _trained_parts(progress, run_epoch, checks_per_epoch):
+            record = {"epoch": position, "train_loss": loss, "seconds": time.perf_counter() - started}
+            curve.append(record)
+            if held_out_nll is None:
+                progress.set_postfix(loss=f"{loss:.4f}")
+            else:
                 record["held_out_nll"] = nll = held_out_nll()
                 since_best += 1
                 if math.isfinite(nll) and not nll >= best_nll:
                     best_epoch, best_nll, best_state = position, nll, copy.deepcopy(module.state_dict())
                     since_best = 0
                 progress.set_postfix(loss=f"{loss:.4f}", held_out=f"{nll:.4f}", kept=best_epoch)
-                stop = bool(patience) and since_best >= patience
-                if stop:
+                if patience and since_best >= patience:
                     break
-                started = time.perf_counter()
-            if stop:
-                break
+            started = time.perf_counter()
     if best_state is not None:
         module.load_state_dict(best_state)
     return {"curve": curve, "kept_epoch": best_epoch, "held_out_nll": best_nll}
+
+
+def _trained_parts(epochs: Iterable[int], run_epoch: Callable[[int], Iterator[float]],
+                   checks_per_epoch: int) -> Iterator[tuple[float, float]]:
+    """(position in epochs, mean training loss) after each part of each epoch, as ``run_epoch`` trains it."""
+    for epoch in epochs:
+        for part, loss in enumerate(run_epoch(epoch), start=1):
+            yield (epoch if checks_per_epoch == 1 else round(epoch - 1 + part / checks_per_epoch, 6)), loss
 
 
 def _adam(parameters: Any, config: Config) -> torch.optim.Adam:
@@ -167,11 +170,11 @@ def train_sanf(model: nn.Module, fit: dict[str, Tensor], held_out: dict[str, Ten
     parameters = list(model.flow.parameters())
     optimizer = _adam(parameters, config)
     count = len(fit["sem"])
+    checks = 1 if held_out is None else min(config.held_out_checks, math.ceil(count / config.batch_size))
 
     def run_epoch(epoch: int) -> Iterator[float]:
         batches = torch.randperm(count, generator=generator).split(config.batch_size)
-        parts = torch.arange(len(batches)).tensor_split(min(config.held_out_checks, len(batches)))
-        for part in parts:
+        for part in torch.arange(len(batches)).tensor_split(checks):
             model.train()
             losses = []
             for batch in part.tolist():
@@ -189,7 +192,6 @@ def train_sanf(model: nn.Module, fit: dict[str, Tensor], held_out: dict[str, Ten
         return torch.cat(values).mean().item()
 
     started = time.perf_counter()
-    checks = config.held_out_checks if held_out is not None else 1
     result = keep_best_epoch(model, config.epochs, run_epoch, None if held_out is None else held_out_nll,
                              f"{name} sanf", config.patience, checks)
     model.eval()

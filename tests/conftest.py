@@ -12,6 +12,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def untimed_curve(curve: list[dict]) -> list[dict]:
+    """A training curve without its per-part seconds: what two seeded runs must share exactly."""
+    return [{key: value for key, value in record.items() if key != "seconds"} for record in curve]
+
+
 def _data_folder(variable: str, marker: str) -> Path:
     value = os.environ.get(variable, "")
     if not value:

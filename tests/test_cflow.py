@@ -12,6 +12,7 @@ import torch
 
 from anomaly_map import AnomalyMapGenerator, ScoringRule, stage_statistics
 from config import Config, make_config
+from conftest import untimed_curve
 from model import CFlowDetector, CFlowModel, StageFeatures, build_cflow_decoder, positional_encoding_2d
 from report import cflow_table, figure_indices
 from train import TrainingError, cflow_loss, shuffled_fiber_chunks, stage_loss_function, train_cflow
@@ -405,8 +406,8 @@ def test_training_is_seeded_counts_every_fiber_once_per_epoch_and_lowers_the_los
     infos = [train_cflow(model, train, None, config, "synthetic") for model in models]
     first, second = (model.state_dict() for model in models)
     assert all(torch.equal(first[key], second[key]) for key in first)
-    untimed = [[{k: v for k, v in record.items() if k != "seconds"} for record in info["curve"]] for info in infos]
-    assert untimed[0] == untimed[1] and all(record["seconds"] > 0 for record in infos[0]["curve"])
+    assert untimed_curve(infos[0]["curve"]) == untimed_curve(infos[1]["curve"])
+    assert all(record["seconds"] > 0 for record in infos[0]["curve"])
     assert infos[0]["train_fibers_per_epoch"] == 5 * (8 * 8 + 4 * 4)
     assert infos[0]["train_fibers_per_second"] > 0 and infos[0]["seconds_per_epoch"] > 0
     losses = [record["train_loss"] for record in infos[0]["curve"]]

@@ -18,6 +18,7 @@ import torch
 import extractor
 import main
 from config import make_config
+from conftest import untimed_curve
 from datasets import DataError, load_tasks
 from extractor import (CacheError, FeatureExtractor, WeightsError, build_backbone, cache_folder, cached_features,
                        packaged_weights_file, read_unit, unit_lock, unit_metadata)
@@ -238,13 +239,9 @@ def _demo_run(tmp_path: Path, cache: str, results: str) -> tuple[bytes, dict]:
                          cache_dir=str(tmp_path / cache), results_dir=str(tmp_path / results))
     payload = main.run(config)
     timing = ("_seconds", "_per_second")
-    metrics = {task: {k: _untimed_curve(v) if k == "curve" else v for k, v in values.items() if not k.endswith(timing)}
+    metrics = {task: {k: untimed_curve(v) if k == "curve" else v for k, v in values.items() if not k.endswith(timing)}
                for task, values in payload["per_class"].items()}
     return (main.results_folder(config) / "scores.csv").read_bytes(), metrics
-
-
-def _untimed_curve(curve: list[dict]) -> list[dict]:
-    return [{key: value for key, value in record.items() if key != "seconds"} for record in curve]
 
 
 def _cache_arrays(cache: Path) -> dict[str, np.ndarray]:

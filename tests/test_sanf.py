@@ -204,7 +204,8 @@ def test_held_out_measurements_do_not_change_the_training_trajectory():
         torch.manual_seed(0)  # the subnets' initial weights
         model = SANFModel(16, 3, n_layers=2, hidden=8, heads=2)
         model.fit_preprocessing(fit["sem"])
-        curves[checks] = {r["epoch"]: r["held_out_nll"] for r in train_sanf(model, fit, held_out, config, "toy")["curve"]}
+        curve = train_sanf(model, fit, held_out, config, "toy")["curve"]
+        curves[checks] = {record["epoch"]: record["held_out_nll"] for record in curve}
     assert sorted(curves[4]) == [0, *(k / 4 for k in range(1, 13))]
     for epoch in (0, 1, 2, 3):
         assert curves[4][epoch] == curves[1][epoch]
@@ -285,3 +286,19 @@ def test_cifar10_real_data_reaches_auroc(cifar10_root, tmp_path):
                          results_dir=str(tmp_path / "results"))
     payload = run(config)
     assert payload["mean"]["image_auroc"] > 0.85, payload["per_class"]
+
+
+def test_measurement_positions_follow_the_parts_actually_trained():
+    """Without held-out images there is nothing to measure within an epoch: one record per epoch. With
+    fewer batches than measurements asked for, each batch is a part and positions say so (2 batches: halves)."""
+    semantic, patches = correlated_tokens(60)
+    features = {"sem": semantic.float(), "patches": patches.float()}
+    fit = {key: value[:40] for key, value in features.items()}
+    held_out = {key: value[40:] for key, value in features.items()}
+    for held, expected in ((None, [1, 2]), (held_out, [0, 0.5, 1.0, 1.5, 2.0])):
+        config = make_config("demo", epochs=2, batch_size=20, hidden=8, heads=2, n_flow_layers=2, patience=0,
+                             held_out_checks=4)
+        model = SANFModel(16, 3, n_layers=2, hidden=8, heads=2)
+        model.fit_preprocessing(fit["sem"])
+        info = train_sanf(model, fit, held, config, "toy")
+        assert [record["epoch"] for record in info["curve"]] == expected and info["epochs_run"] == 2
