@@ -168,3 +168,29 @@ def test_cache_that_does_not_fit_is_refused_up_front(tmp_path, demo_extractor, m
     with pytest.raises(CacheError, match="needs .* GB"):
         cached_features(demo_extractor, task.train, "unit", config)
     assert not list(cache_folder(config).glob("unit*"))
+
+
+def test_batches_decoded_on_threads_equal_one_image_at_a_time_in_order(tmp_path):
+    from PIL import Image
+
+    from datasets import image_list_from_files
+
+    generator = np.random.default_rng(0)
+    paths = []
+    for index, size in enumerate([(40, 30), (64, 64), (17, 90), (64, 64), (120, 80)]):
+        path = tmp_path / f"{index}.png"
+        Image.fromarray(generator.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    images = image_list_from_files(paths)
+    config = make_config("demo", img_size=48)
+    expected = [torch.from_numpy(np.array(Image.open(path).convert("RGB").resize((48, 48), Image.BICUBIC)))
+                .permute(2, 0, 1) for path in paths]
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            batches = list(extractor.image_batches(images, config, start=1, batch_size=3))
+            assert [len(batch) for batch in batches] == [3, 1]
+            assert torch.equal(torch.cat(batches), torch.stack(expected[1:]))
+    finally:
+        torch.set_num_threads(threads)
