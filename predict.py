@@ -16,6 +16,7 @@ import argparse
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -63,13 +64,12 @@ def predict(detector: Detector, images: list[str], out: Path, batch_size: int, o
     for batch in tqdm(batches, total=math.ceil(len(image_list) / batch_size), desc="predict", unit="batch"):
         scores, maps = detector.score_images(batch)
         for offset, score in enumerate(scores):
-            index = position + offset
             anomalous = int(detector.flagged(score))
             flagged += anomalous
-            rows.append(f"{_csv(image_list.ids[index])},{float(score)!r},{anomalous}")
-            if maps is not None:
-                with record_function("predict.outputs"):
-                    _write_map(out, names[index], maps[offset], batch[offset], detector.threshold, overlays)
+            rows.append(f"{_csv(image_list.ids[position + offset])},{float(score)!r},{anomalous}")
+        if maps is not None:
+            with record_function("predict.outputs"):
+                _write_maps(out, names[position:position + len(scores)], maps, batch, detector.threshold, overlays)
         position += len(scores)
     seconds = time.perf_counter() - started
     atomic_write_bytes(out / "predictions.csv", ("\n".join(["path,score,anomalous", *rows]) + "\n").encode())
@@ -77,12 +77,20 @@ def predict(detector: Detector, images: list[str], out: Path, batch_size: int, o
             "images_per_second": len(rows) / max(seconds, 1e-9)}
 
 
-def _write_map(out: Path, name: str, anomaly_map: np.ndarray, image: torch.Tensor, threshold: float,
-               overlay: bool) -> None:
+def _write_maps(out: Path, names: list[str], maps: np.ndarray, images: torch.Tensor, threshold: float,
+                overlays: bool) -> None:
+    """A batch's .npy maps (and overlays), written on as many threads as torch uses: zlib and file writes
+    release the GIL, and torch's threads are idle meanwhile."""
     (out / "maps").mkdir(parents=True, exist_ok=True)
-    np.save(out / "maps" / f"{name}.npy", anomaly_map.astype(np.float16))
-    if overlay:  # one colour scale for every image: 0 to twice the image-score threshold (green = threshold)
-        save_overlay(image.permute(1, 2, 0).numpy(), anomaly_map, 0.0, 2 * threshold, out / "overlays" / f"{name}.png")
+
+    def write(offset: int) -> None:
+        np.save(out / "maps" / f"{names[offset]}.npy", maps[offset].astype(np.float16))
+        if overlays:  # one colour scale for every image: 0 to twice the image-score threshold (green = threshold)
+            save_overlay(images[offset].permute(1, 2, 0).numpy(), maps[offset], 0.0, 2 * threshold,
+                         out / "overlays" / f"{names[offset]}.png")
+
+    with ThreadPoolExecutor(max(1, min(torch.get_num_threads(), len(names)))) as pool:
+        list(pool.map(write, range(len(names))))
 
 
 def _csv(text: str) -> str:

@@ -12,6 +12,9 @@ The images are the test split of the one category (``--dataset mvtec`` with one 
   the number of epochs does not change the cost of scoring).
 - ``--anomalib_epochs N``: epochs of anomalib training before timing (default 0: untrained; its scoring
   cost does not depend on the weights).
+- ``--repeats N``: timed passes per row (default 3); the row is the pass with the median time, and the
+  last column gives the range of images/s over the passes (anomalib's rate moves by up to a third between
+  runs on the 2-core machine, so a single pass can decide a ratio).
 
 Ours: ``predict.predict(detector, images, out, batch_size, overlays)``, as ``predict.py`` runs it: reads and
 resizes the images, runs the frozen backbone, the flows and the maps, writes ``predictions.csv`` and a
@@ -63,7 +66,7 @@ def test_images(config: Config) -> list[str]:
     return [task.test.source(index) for index in range(len(task.test))]
 
 
-def ours(config: Config, checkpoint: str | None) -> dict[str, Any]:
+def ours(config: Config, checkpoint: str | None, repeats: int) -> dict[str, Any]:
     """Train 1 epoch (or load ``checkpoint``), then time predict.predict with overlays off and on."""
     import torch
 
@@ -90,13 +93,15 @@ def ours(config: Config, checkpoint: str | None) -> dict[str, Any]:
         setup_seconds = time.perf_counter() - started
         batch = config.test_batch_size
         predict(detector, images[:2 * batch], Path(folder) / "warm-up", batch, overlays=False)
-        plain = timed(lambda: predict(detector, images, Path(folder) / "plain", batch, overlays=False))
-        drawn = timed(lambda: predict(detector, images, Path(folder) / "overlays", batch, overlays=True))
+        plain = median_pass([timed(lambda: predict(detector, images, Path(folder) / f"plain-{index}", batch,
+                                                   overlays=False)) for index in range(repeats)])
+        drawn = median_pass([timed(lambda: predict(detector, images, Path(folder) / f"overlays-{index}", batch,
+                                                   overlays=True)) for index in range(repeats)])
     return {"plain": plain, "overlays": drawn, "setup_seconds": setup_seconds, "origin": origin,
             "threads": torch.get_num_threads(), "peak_rss_gb": _peak_rss_gb()}
 
 
-def anomalib_side(config: Config, epochs: int) -> dict[str, Any]:
+def anomalib_side(config: Config, epochs: int, repeats: int) -> dict[str, Any]:
     """anomalib's Cflow (untrained, or ``epochs`` of Engine.fit) and Engine.predict over the same images."""
     import torch
     from anomalib.data import PredictDataset
@@ -129,14 +134,17 @@ def anomalib_side(config: Config, epochs: int) -> dict[str, Any]:
             datamodule, _ = anomalib_datamodule(replace(config, epochs=epochs))
             engine.fit(model=model, datamodule=datamodule)
         engine.predict(model=model, dataloaders=loader(2 * config.test_batch_size), return_predictions=True)  # warm-up
-        started, cpu_started = time.perf_counter(), time.process_time()
-        batches = engine.predict(model=model, dataloaders=loader(len(dataset)), return_predictions=True)
-        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    count = sum(len(batch.image_path) for batch in batches)
-    if count != len(images) or any(batch.anomaly_map is None for batch in batches):
-        raise RuntimeError(f"anomalib returned {count} predictions (with maps?) for {len(images)} images")
-    return {"plain": {"images": count, "seconds": seconds, "images_per_second": count / seconds,
-                      "cpu_seconds": cpu_seconds},
+        passes = []
+        for _ in range(repeats):
+            started, cpu_started = time.perf_counter(), time.process_time()
+            batches = engine.predict(model=model, dataloaders=loader(len(dataset)), return_predictions=True)
+            seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+            count = sum(len(batch.image_path) for batch in batches)
+            if count != len(images) or any(batch.anomaly_map is None for batch in batches):
+                raise RuntimeError(f"anomalib returned {count} predictions (with maps?) for {len(images)} images")
+            passes.append({"images": count, "seconds": seconds, "images_per_second": count / seconds,
+                           "cpu_seconds": cpu_seconds})
+    return {"plain": median_pass(passes),
             "setup_seconds": setup_seconds, "origin": f"trained for {epochs} epoch(s)" if epochs else "untrained",
             "threads": torch.get_num_threads(), "peak_rss_gb": _peak_rss_gb()}
 
@@ -148,6 +156,14 @@ def timed(call: Any) -> dict[str, Any]:
     return {**figures, "cpu_seconds": time.process_time() - started}
 
 
+def median_pass(passes: list[dict[str, Any]]) -> dict[str, Any]:
+    """The pass with the median wall time (the lower middle one for an even count), with the range of
+    images/s over all passes."""
+    ordered = sorted(passes, key=lambda figures: figures["seconds"])
+    rates = [figures["images_per_second"] for figures in passes]
+    return {**ordered[(len(ordered) - 1) // 2], "rate_range": (min(rates), max(rates)), "passes": len(passes)}
+
+
 def table(peer: dict[str, Any], mine: dict[str, Any]) -> str:
     """Wall-clock throughput and, less sensitive to other jobs on the machine, images per CPU second."""
     reference = peer["plain"]
@@ -155,13 +171,14 @@ def table(peer: dict[str, Any], mine: dict[str, Any]) -> str:
             ("ours, predict.predict, overlays off (csv + .npy maps)", mine["plain"], mine),
             ("ours, predict.predict, overlays on (csv + .npy maps + PNG overlays)", mine["overlays"], mine)]
     lines = ["| side | images | seconds | images / s | ratio ours / anomalib | CPU seconds | images / CPU s | "
-             "ratio ours / anomalib (CPU) | peak memory (GB) |", "|---|---|---|---|---|---|---|---|---|"]
+             "ratio ours / anomalib (CPU) | peak memory (GB) | images / s, all passes |", "|---|---|---|---|---|---|---|---|---|---|"]
     for label, figures, side in rows:
         per_cpu = figures["images"] / figures["cpu_seconds"]
         lines.append(f"| {label} | {figures['images']} | {figures['seconds']:.2f} | {figures['images_per_second']:.1f} | "
                      f"{figures['images_per_second'] / reference['images_per_second']:.2f} | "
                      f"{figures['cpu_seconds']:.1f} | {per_cpu:.2f} | "
-                     f"{per_cpu / (reference['images'] / reference['cpu_seconds']):.2f} | {side['peak_rss_gb']:.2f} |")
+                     f"{per_cpu / (reference['images'] / reference['cpu_seconds']):.2f} | {side['peak_rss_gb']:.2f} | "
+                     f"{figures['rate_range'][0]:.1f}-{figures['rate_range'][1]:.1f} ({figures['passes']}) |")
     return "\n".join(lines)
 
 
@@ -172,28 +189,31 @@ def header(config: Config, images: int, peer: dict[str, Any], mine: dict[str, An
             f"anomalib {peer['threads']}, ours {mine['threads']}. Ours: {mine['origin']}, map_norm {config.map_norm}. "
             f"anomalib: {peer['origin']}, post-processing and visualiser off. Untimed setup (model, weights, "
             f"trace): anomalib {peer['setup_seconds']:.1f} s, ours {mine['setup_seconds']:.1f} s; two warm-up batches "
-            f"before each timed pass. images / s is wall clock; images / CPU s counts the process's CPU seconds "
+            f"before the timed passes; each row is the pass with the median time. images / s is wall clock; images / CPU s counts the process's CPU seconds "
             f"(all threads; with other jobs on the machine and more than one thread they include spin-waiting).")
 
 
-def parse(argv: list[str]) -> tuple[Config, str | None, int]:
+def parse(argv: list[str]) -> tuple[Config, str | None, int, int]:
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--checkpoint", default=None)
     extra.add_argument("--anomalib_epochs", type=int, default=0)
+    extra.add_argument("--repeats", type=int, default=3)
     known, rest = extra.parse_known_args(argv)
+    if known.repeats < 1:
+        raise SystemExit("error: --repeats must be >= 1")
     config = parse_args(rest, prog="predict_speed.py")
     if known.checkpoint:  # the model settings are the checkpoint's; data and run settings the command line's
         from model import load_detector
 
         trained = load_detector(known.checkpoint).config
         config = replace(config, **{name: getattr(trained, name) for name in MODEL_FIELDS})
-    return config, known.checkpoint, known.anomalib_epochs
+    return config, known.checkpoint, known.anomalib_epochs, known.repeats
 
 
 def main() -> None:
     import torch
 
-    config, checkpoint, anomalib_epochs = parse(sys.argv[1:])
+    config, checkpoint, anomalib_epochs, repeats = parse(sys.argv[1:])
     if config.method != "cflow":
         raise SystemExit("error: give a CFLOW preset (e.g. --preset cflow_lite0) or a CFLOW --checkpoint")
     if config.dataset not in ("mvtec", "folder") or (config.dataset == "mvtec" and len(config.class_list() or []) != 1):
@@ -201,8 +221,8 @@ def main() -> None:
     config = replace(config, threads=config.threads or torch.get_num_threads())  # the same count on both sides
     print(describe(config))
     images = len(test_images(config))
-    peer = in_child(anomalib_side, config, anomalib_epochs)
-    mine = in_child(ours, config, checkpoint)
+    peer = in_child(anomalib_side, config, anomalib_epochs, repeats)
+    mine = in_child(ours, config, checkpoint, repeats)
     print(f"\n{header(config, images, peer, mine)}\n\n{table(peer, mine)}\n")
 
 
