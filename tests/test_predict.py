@@ -110,3 +110,16 @@ def test_checkpoints_refuse_other_settings_and_foreign_files(tmp_path):
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert result.stderr.strip().count("\n") == 0 and message in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_batch_of_maps_is_written_each_under_its_own_name(tmp_path):
+    names = [f"image_{index}" for index in range(5)]
+    maps = np.stack([np.full((8, 8), index, dtype=np.float32) for index in range(5)])
+    images = torch.arange(5, dtype=torch.uint8).view(5, 1, 1, 1).expand(5, 3, 8, 8).contiguous()
+    predict._write_maps(tmp_path, names, maps, images, threshold=2.0, overlays=True)
+    for index, name in enumerate(names):
+        assert np.array_equal(np.load(tmp_path / "maps" / f"{name}.npy"), np.full((8, 8), index, np.float16))
+        overlay = np.asarray(Image.open(tmp_path / "overlays" / f"{name}.png"))
+        assert overlay.shape == (8, 8, 3) and len(np.unique(overlay.reshape(-1, 3), axis=0)) == 1
+    colours = [tuple(np.asarray(Image.open(tmp_path / "overlays" / f"{name}.png"))[0, 0]) for name in names]
+    assert len(set(colours)) == 5  # each overlay drawn from its own map and image
