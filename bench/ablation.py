@@ -3,6 +3,7 @@ SANF with CAFF over texture tokens, on every dataset given; image AUROC, mean ±
 
     python bench/ablation.py --cifar10 DATA/cifar10 --mvtec DATA/mvtec_ad_512 --magnetic_tile DATA/magnetic_tile
     python bench/ablation.py --seeds 0,1,2 --cifar_max_train 300 --cifar_max_test 1000 ...   # a quicker CIFAR-10 protocol
+    python bench/ablation.py --cifar10 DATA/cifar10 --seeds 1,2 --variants gaussian,knn,none,caff_texture   # some rows
 
 Every row runs ``main.run`` with the method's own defaults (no preset training values): EfficientNet-Lite0
 features, ``token_norm power`` for every method alike, 10% of the normal training images held out for
@@ -28,12 +29,14 @@ from config import make_config  # noqa: E402
 from main import run  # noqa: E402
 from utils import atomic_write_bytes  # noqa: E402
 
-VARIANTS: dict[str, dict[str, Any]] = {
-    "Gaussian (Ledoit-Wolf)": {"method": "gaussian"},
-    "kNN (k=2, cosine)": {"method": "knn"},
-    "SANF, no CAFF": {"method": "sanf", "fusion": "none"},
-    "SANF, CAFF over the last stage": {"method": "sanf", "fusion": "caff", "texture_layers": "last"},
-    "SANF, CAFF over texture tokens (stride 16)": {"method": "sanf", "fusion": "caff", "texture_layers": "auto"},
+# short name (for --variants) → (row label, settings)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "gaussian": ("Gaussian (Ledoit-Wolf)", {"method": "gaussian"}),
+    "knn": ("kNN (k=2, cosine)", {"method": "knn"}),
+    "none": ("SANF, no CAFF", {"method": "sanf", "fusion": "none"}),
+    "caff_last": ("SANF, CAFF over the last stage", {"method": "sanf", "fusion": "caff", "texture_layers": "last"}),
+    "caff_texture": ("SANF, CAFF over texture tokens (stride 16)",
+                     {"method": "sanf", "fusion": "caff", "texture_layers": "auto"}),
 }
 
 
@@ -73,13 +76,17 @@ def main() -> None:
     parser.add_argument("--mvtec", help="MVTec AD folder holding bottle/")
     parser.add_argument("--magnetic_tile", help="magnetic-tile folder (MVTec layout)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated rows among " + ", ".join(VARIANTS))
     parser.add_argument("--cache_dir", default="cache", help="feature cache shared by all rows")
     parser.add_argument("--out", default="results/bench_ablation.md", help="markdown table")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown --variants {', '.join(unknown)}; choose among {', '.join(VARIANTS)}")
     chosen = datasets(args)
     table: dict[str, dict[str, tuple[float, float, float]]] = {}
-    for variant, overrides in VARIANTS.items():
+    for variant, overrides in (VARIANTS[key] for key in args.variants.split(",")):
         table[variant] = {}
         for name, settings in chosen.items():
             runs = [mean_auroc({**settings, **overrides}, seed, args.cache_dir) for seed in seeds]
