@@ -178,8 +178,11 @@ def _array_split(name: str, pixels: np.ndarray, targets: Sequence[int]) -> Image
 def _unpickle(path: Path, *keys: str) -> dict[str, Any]:
     """A CIFAR pickle as a dict with ``str`` keys, which must include ``keys``: the original files (Python 2
     pickles) give ``bytes`` keys, a copy re-saved from Python 3 (or read the way torchvision does) ``str``."""
-    with open(path, "rb") as handle:
-        batch = pickle.load(handle, encoding="bytes")
+    try:
+        with open(path, "rb") as handle:
+            batch = pickle.load(handle, encoding="bytes")
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError) as error:
+        raise DataError(f"cannot read CIFAR batch {path} ({error}); replace the file or the whole folder") from None
     if not isinstance(batch, dict):
         raise DataError(f"{path} holds a {type(batch).__name__}, not a CIFAR batch dict")
     batch = {key.decode("latin1") if isinstance(key, bytes) else key: value for key, value in batch.items()}
@@ -203,7 +206,7 @@ def _find_pickle_dir(root: Path, name: str, marker: str) -> Path | None:
 
 def _missing(dataset: str, root: Path, expected: str) -> DataError:
     return DataError(f"{dataset} not found under '{root}': expected {expected}; set --data_root "
-                     f"(or ANOMALY_DATA_ROOT), or --download true where torchvision can fetch it")
+                     f"(or ANOMALY_DATA_ROOT), or --download where torchvision can fetch it")
 
 
 def _torchvision_download(dataset_class: str, root: Path, **kwargs) -> None:
@@ -252,11 +255,20 @@ def stl10(root: Path, download: bool) -> LabelledSplits:
         folder = _find_pickle_dir(root, "stl10_binary", "train_X.bin")
     if folder is not None:
         def read(split: str) -> tuple[np.ndarray, np.ndarray]:
-            pixels = np.fromfile(folder / f"{split}_X.bin", dtype=np.uint8).reshape(-1, 3, 96, 96)
-            labels = np.fromfile(folder / f"{split}_y.bin", dtype=np.uint8).astype(np.int64) - 1
+            try:
+                pixels = np.fromfile(folder / f"{split}_X.bin", dtype=np.uint8).reshape(-1, 3, 96, 96)
+                labels = np.fromfile(folder / f"{split}_y.bin", dtype=np.uint8).astype(np.int64) - 1
+            except (OSError, ValueError) as error:
+                raise DataError(f"cannot read STL-10 {split} files in {folder} ({error}); replace them") from None
+            if len(pixels) != len(labels):
+                raise DataError(f"STL-10 {split} in {folder}: {len(pixels)} images but {len(labels)} labels; "
+                                "replace the files")
             return pixels.transpose(0, 3, 2, 1), labels  # stored column-major
 
-        names = tuple((folder / "class_names.txt").read_text().split())
+        names_file = folder / "class_names.txt"
+        if not names_file.is_file():
+            raise DataError(f"STL-10 in {folder} has no class_names.txt; replace the folder")
+        names = tuple(names_file.read_text().split())
         (train_pixels, train_targets), (test_pixels, test_targets) = read("train"), read("test")
         return LabelledSplits(names, _array_split("train", train_pixels, train_targets),
                               _array_split("test", test_pixels, test_targets))

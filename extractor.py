@@ -5,7 +5,8 @@
 Features per image:
 - ``method`` sanf / knn / gaussian: ``sem`` (D,), the semantic token (a ViT's class token of the
   final normalised tokens, or a CNN's global average of the last stage), and ``patches``
-  (G*G, D), the patch tokens average-pooled to a ``patch_grid`` x ``patch_grid`` grid.
+  (G*G, C), the texture tokens (``texture_layers``: a ViT's patch tokens, D = C, or a CNN's texture
+  stage, C channels) average-pooled to a ``patch_grid`` x ``patch_grid`` grid.
 - ``method`` cflow: one map (C, H, W) per stage named in ``layers``.
 
 The cache stores one *unit* per split part (``train-<class>``, ``test``; the one-class test split is
@@ -501,7 +502,7 @@ def _check_disk(folder: Path, needed: int) -> None:
     free = shutil.disk_usage(folder).free
     if needed > free:
         raise CacheError(f"the feature cache needs {needed / 1e9:.2f} GB in {folder} but only {free / 1e9:.2f} GB "
-                           "are free; pass --cache_dir on a larger disk, fewer --classes, or --cache false (cflow)")
+                           "are free; pass --cache_dir on a larger disk, fewer --classes, or --no-cache (cflow)")
 
 
 # How often an extraction makes its rows durable and records its progress; ANOMALY_PROGRESS_SECONDS sets it.

@@ -12,8 +12,12 @@ test set. Writes, under ``results_dir/<dataset identity>-<backbone>-<method>[-<f
 - ``scores.csv``: ``task,path,label,score`` of every test image;
 - ``checkpoints/<task>.pt``: the detector (``predict.py`` scores new images with it; ``--eval_only``
   rescores from it and refuses settings it was not trained with);
+- ``config.json``: the resolved settings (what ``--help`` would show as defaults for this run);
 - ``figures/``: score histograms, held-out curves, and for CFLOW test images with their maps;
   ``maps/<task>/`` with ``--save_maps``.
+
+The dataset identity is ``<dataset>-<root folder name>-<hash of the resolved root>`` (``digits`` for
+the bundled digits).
 """
 
 from __future__ import annotations

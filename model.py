@@ -479,7 +479,8 @@ class StageFeatures:
 
 
 TokenFeatures = dict[str, Tensor]
-"""Raw semantic-method features of M images: ``sem`` (M, D) and ``patches`` (M, N, D), float32."""
+"""Raw semantic-method features of M images: ``sem`` (M, D) and ``patches`` (M, N, C), float32 (C: the
+texture stage's channels, D for a ViT's patch tokens)."""
 
 
 def _jsonable(value: Any) -> Any:
@@ -679,6 +680,9 @@ class KNNDetector(_TokenDetector):
 
     def _fit(self, fit: TokenFeatures, held_out: TokenFeatures | None, name: str,
              held_out_images: ImageList | None = None) -> dict[str, Any]:
+        if self.count(fit) < self.config.knn_k:
+            raise ConfigError(f"kNN with --knn_k {self.config.knn_k} needs at least {self.config.knn_k} fit images; "
+                              f"task {name} has {self.count(fit)} (lower --knn_k or --val_fraction, or add images)")
         self.scorer.fit(self.normalised(fit)["sem"])
         return {}
 

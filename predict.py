@@ -16,6 +16,7 @@ import argparse
 import math
 import os
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,8 +29,8 @@ from config import ConfigError
 from datasets import DataError, image_list_from_files, list_image_files
 from extractor import CacheError, WeightsError, image_batches
 from model import Detector, DetectorError, load_detector
-from report import save_overlay
-from utils import atomic_write_bytes, configure_torch, run_cli
+from report import csv_field, save_overlay
+from utils import atomic_write_bytes, check_device, configure_torch, run_cli
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,9 +50,26 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def output_names(paths: list[str]) -> list[str]:
-    """Unique file names for per-image outputs: the path below the images' common folder, '/' → '__'."""
+    """Unique file names for per-image outputs: the path below the images' common folder, '/' → '__'.
+
+    The extension is dropped unless two images would then share a name (``a.png``, ``a.jpg``); a name
+    that still repeats (``x__y/z`` and ``x/y__z``) gets ``-2``, ``-3``, ... in the order of ``paths``.
+    predictions.csv holds each image's full path, so the names only have to be distinct.
+    """
     common = os.path.commonpath([os.path.dirname(p) for p in paths])
-    return [os.path.splitext(os.path.relpath(p, common))[0].replace(os.sep, "__") for p in paths]
+    relative = [os.path.relpath(p, common).replace(os.sep, "__") for p in paths]
+    stems = [os.path.splitext(name)[0] for name in relative]
+    repeated = {stem for stem, count in Counter(stems).items() if count > 1}
+    names, taken = [], set()
+    for stem, name in zip(stems, relative):
+        candidate = name if stem in repeated else stem
+        unique, suffix = candidate, 1
+        while unique in taken:
+            suffix += 1
+            unique = f"{candidate}-{suffix}"
+        taken.add(unique)
+        names.append(unique)
+    return names
 
 
 def predict(detector: Detector, images: list[str], out: Path, batch_size: int, overlays: bool) -> dict[str, float]:
@@ -66,7 +84,7 @@ def predict(detector: Detector, images: list[str], out: Path, batch_size: int, o
         for offset, score in enumerate(scores):
             anomalous = int(detector.flagged(score))
             flagged += anomalous
-            rows.append(f"{_csv(image_list.ids[position + offset])},{float(score)!r},{anomalous}")
+            rows.append(f"{csv_field(image_list.ids[position + offset])},{float(score)!r},{anomalous}")
         if maps is not None:
             with record_function("predict.outputs"):
                 _write_maps(out, names[position:position + len(scores)], maps, batch, detector.threshold, overlays)
@@ -93,15 +111,12 @@ def _write_maps(out: Path, names: list[str], maps: np.ndarray, images: torch.Ten
         list(pool.map(write, range(len(names))))
 
 
-def _csv(text: str) -> str:
-    return f'"{text}"' if "," in text else text
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     run_settings = {"device": args.device, "test_batch_size": args.batch_size}
     if args.weights:
         run_settings["weights"] = args.weights
+    check_device(args.device)
     detector = load_detector(args.checkpoint, **run_settings)
     configure_torch(detector.config)
     images = [str(p) for p in list_image_files(args.images)]

@@ -170,12 +170,13 @@ def write_results(config: Config, folder: Path, per_class: dict[str, dict[str, A
 
 def write_scores_csv(path: Path, rows: list[tuple[str, str, int, float]]) -> None:
     """Per-image scores of every task: ``task,path,label,score`` (scores with full float precision)."""
-    lines = ["task,path,label,score"] + [f"{_csv_field(task)},{_csv_field(source)},{label},{score!r}"
+    lines = ["task,path,label,score"] + [f"{csv_field(task)},{csv_field(source)},{label},{score!r}"
                                           for task, source, label, score in rows]
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
-def _csv_field(text: str) -> str:
+def csv_field(text: str) -> str:
+    """One CSV field, quoted (inner quotes doubled) where it holds a comma, a quote or a newline."""
     return f'"{text.replace(chr(34), chr(34) * 2)}"' if any(c in text for c in ',"\n') else text
 
 

@@ -1,10 +1,11 @@
 """Training loops of the two flows, with the held-out guard that keeps the best epoch.
 
 Both flows are trained by maximum likelihood on the *fit* images (the normal training images minus a
-seeded held-out fraction, ``val_fraction``). Before the first epoch and after every epoch the
-held-out images' negative log-likelihood per dimension is measured, and the weights of the epoch
-with the lowest held-out NLL are kept, epoch 0 (the untrained start) included: training never ends
-worse on held-out normal images than where it started. No test image is looked at.
+seeded held-out fraction, ``val_fraction``). Before the first epoch and after every epoch (SANF:
+``held_out_checks`` times per epoch) the held-out images' negative log-likelihood per dimension is
+measured, and the weights of the measurement with the lowest held-out NLL are kept, the untrained
+start (epoch 0) included: training never ends worse on held-out normal images than where it started.
+No test image is looked at.
 
 - :func:`train_sanf`: SANF-AD, one Adam step per batch of ``batch_size`` images.
 - :func:`train_cflow`: CFLOW-AD, per image batch and stage, all fibers shuffled and cut into chunks
@@ -164,7 +165,7 @@ def train_sanf(model: nn.Module, fit: dict[str, Tensor], held_out: dict[str, Ten
 
     Args:
         model: a ``SANFModel``.
-        fit, held_out: normalised ``sem`` (M, D) and ``patches`` (M, N, D) tokens.
+        fit, held_out: normalised ``sem`` (M, D) and ``patches`` (M, N, C) texture tokens.
     """
     generator = seed_everything(config.seed)
     parameters = list(model.flow.parameters())

@@ -72,11 +72,16 @@ def configure_torch(config: Any) -> None:
     keep_freed_memory()
     if config.threads:
         torch.set_num_threads(config.threads)
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
+    check_device(config.device)
+    seed_everything(config.seed)
+
+
+def check_device(device: str) -> None:
+    """Stop with a ConfigError naming the fix when ``device`` is CUDA and torch sees none."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
         from config import ConfigError
 
-        raise ConfigError(f"--device {config.device} asked for, but torch sees no CUDA device; use --device cpu")
-    seed_everything(config.seed)
+        raise ConfigError(f"--device {device} asked for, but torch sees no CUDA device; use --device cpu")
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)

@@ -10,7 +10,7 @@ import extractor
 from config import ConfigError, make_config
 from datasets import load_tasks
 from extractor import (CacheError, FeatureExtractor, StaleCacheError, WeightsError, build_backbone,
-                       cache_folder, cached_features, task_features)
+                       cache_folder, cached_features, packaged_weights_file, task_features)
 
 SMALL = dict(max_train_per_class=12, max_test=20, classes="0", extract_batch_size=4, img_size=64)
 
@@ -20,13 +20,14 @@ def demo_extractor():
     return FeatureExtractor(make_config("demo", **SMALL))
 
 
-def test_packaged_lite0_weights_are_real_imagenet_weights():
+def test_default_lite0_weights_are_the_packaged_files_and_none_is_random():
     model, source = build_backbone("tf_efficientnet_lite0", "default")
     assert source.startswith("file:") and "sha256" in source
+    stem = torch.load(packaged_weights_file("tf_efficientnet_lite0"), map_location="cpu", weights_only=True)
+    stem_weight = next(iter(stem.values()))  # the stem convolution, first in the lukemelas layout
+    assert torch.equal(model.state_dict()["conv_stem.weight"], stem_weight)
     random_model, random_source = build_backbone("tf_efficientnet_lite0", "none")
-    assert random_source == "none"
-    first = next(iter(model.state_dict()))
-    assert not torch.equal(model.state_dict()[first], random_model.state_dict()[first])
+    assert random_source == "none" and not torch.equal(random_model.state_dict()["conv_stem.weight"], stem_weight)
 
 
 def test_weights_file_that_does_not_match_the_backbone_is_refused(tmp_path):

@@ -123,3 +123,35 @@ def test_a_batch_of_maps_is_written_each_under_its_own_name(tmp_path):
         assert overlay.shape == (8, 8, 3) and len(np.unique(overlay.reshape(-1, 3), axis=0)) == 1
     colours = [tuple(np.asarray(Image.open(tmp_path / "overlays" / f"{name}.png"))[0, 0]) for name in names]
     assert len(set(colours)) == 5  # each overlay drawn from its own map and image
+
+
+def test_output_names_stay_distinct_when_stems_or_flattened_paths_collide():
+    paths = ["/x/good/000.png", "/x/good/000.jpg", "/x/a__b/c.png", "/x/a/b__c.png", "/x/good/001.png"]
+    names = predict.output_names(paths)
+    assert names == ["good__000.png", "good__000.jpg", "a__b__c.png", "a__b__c.png-2", "good__001"]
+    assert predict.output_names(["/d/one/a.png", "/d/two/a.png"]) == ["one__a", "two__a"]
+
+
+def test_csv_fields_with_commas_quotes_and_newlines_read_back_unchanged():
+    from report import csv_field
+
+    texts = ["plain.png", "a,b.png", 'say "hi".png', "line\nbreak.png", '",",.png']
+    line = ",".join(csv_field(text) for text in texts)
+    assert next(csv.reader([line] if "\n" not in line else line.splitlines(keepends=True))) == texts
+
+
+def test_knn_with_fewer_fit_images_than_k_stops_with_a_message(tmp_path):
+    data = digits_folder(tmp_path / "digits", n_train=2)
+    result = subprocess.run([sys.executable, str(ROOT / "main.py"), "--method", "knn", "--dataset", "folder",
+                             "--data_root", str(data), "--cache_dir", str(tmp_path / "cache"),
+                             "--results_dir", str(tmp_path / "results")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--knn_k 2 needs at least 2 fit images" in result.stderr and "--val_fraction" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where no CUDA device exists")
+def test_predict_on_cuda_without_a_gpu_says_so_before_reading_the_checkpoint(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "predict.py"), "--checkpoint", str(tmp_path / "any.pt"),
+                             "--images", str(tmp_path), "--out", str(tmp_path / "out"), "--device", "cuda"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "torch sees no CUDA device; use --device cpu" in result.stderr

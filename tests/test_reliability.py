@@ -231,6 +231,41 @@ def test_cifar_pickle_without_its_labels_is_a_data_error(tmp_path):
         load_tasks(make_config("demo", dataset="cifar100", data_root=str(tmp_path), classes="fish"))
 
 
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_truncated_or_missing_cifar_batch_is_a_data_error_naming_it(tmp_path, damage):
+    _write_cifar(tmp_path, "cifar10", bytes)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    if damage == "truncated":
+        batch.write_bytes(batch.read_bytes()[:100])
+    else:
+        batch.unlink()
+    with pytest.raises(DataError, match=r"cannot read CIFAR batch .*data_batch_3 .*replace"):
+        load_tasks(make_config("demo", dataset="cifar10", data_root=str(tmp_path), classes="cat"))
+
+
+def _write_stl10(root: Path, n_train: int = 2, n_test: int = 3) -> Path:
+    folder = root / "stl10_binary"
+    folder.mkdir()
+    for split, count in (("train", n_train), ("test", n_test)):
+        np.zeros((count, 3, 96, 96), np.uint8).tofile(folder / f"{split}_X.bin")
+        np.arange(1, count + 1, dtype=np.uint8).tofile(folder / f"{split}_y.bin")
+    (folder / "class_names.txt").write_text("\n".join(["airplane", "bird", "car"]))
+    return folder
+
+
+def test_stl10_binaries_read_and_damaged_ones_are_data_errors(tmp_path):
+    folder = _write_stl10(tmp_path)
+    task = load_tasks(make_config("demo", dataset="stl10", data_root=str(tmp_path), classes="bird"))[0]
+    assert len(task.train) == 1 and task.test_labels.tolist() == [1, 0, 1]
+    (folder / "test_X.bin").write_bytes(b"\0" * 100)  # not a whole number of 96 x 96 images
+    with pytest.raises(DataError, match="cannot read STL-10 test files"):
+        load_tasks(make_config("demo", dataset="stl10", data_root=str(tmp_path), classes="bird"))
+    (folder / "class_names.txt").unlink()
+    with pytest.raises(DataError, match="has no class_names.txt"):
+        load_tasks(make_config("demo", dataset="stl10", data_root=str(tmp_path), classes="bird"))
+
+
 # ----------------------------------------------------------------------------- bit-repeatable runs
 
 
