@@ -8,8 +8,9 @@ The images are the test split of the one category (``--dataset mvtec`` with one 
 ``--dataset folder``). Settings are main.py's flags (``config.parse_args``) plus:
 
 - ``--checkpoint PATH``: time this trained detector (its backbone, stages, size and flows are used on both
-  sides). Without it, ours is trained here once for 1 epoch (``main.run`` on a temporary results folder;
-  the number of epochs does not change the cost of scoring).
+  sides). Without it, ours is trained here once for 1 epoch (``main.run`` on a temporary results folder, in
+  a process of its own, so that the peak memory column is predict's alone; the number of epochs does not
+  change the cost of scoring).
 - ``--anomalib_epochs N``: epochs of anomalib training before timing (default 0: untrained; its scoring
   cost does not depend on the weights).
 - ``--repeats N``: timed passes per row (default 3); the row is the pass with the median time, and the
@@ -66,11 +67,21 @@ def test_images(config: Config) -> list[str]:
     return [task.test.source(index) for index in range(len(task.test))]
 
 
-def ours(config: Config, checkpoint: str | None, repeats: int) -> dict[str, Any]:
-    """Train 1 epoch (or load ``checkpoint``), then time predict.predict with overlays off and on."""
+def train_here(config: Config, folder: str) -> str:
+    """Train ours for 1 epoch under ``folder`` (in its own process: its memory is not predict's); the checkpoint."""
+    from main import results_folder, run
+    from utils import configure_torch
+
+    configure_torch(config)
+    trained = replace(config, epochs=1, cache_dir=f"{folder}/cache", results_dir=f"{folder}/results", n_figure_images=0)
+    run(trained)
+    return str(results_folder(trained) / "checkpoints" / f"{category_of(config)}.pt")
+
+
+def ours(config: Config, checkpoint: str, origin: str, repeats: int) -> dict[str, Any]:
+    """Time predict.predict with the ``checkpoint``'s detector, overlays off and on."""
     import torch
 
-    from main import results_folder, run
     from model import load_detector
     from predict import predict
     from utils import configure_torch
@@ -78,14 +89,6 @@ def ours(config: Config, checkpoint: str | None, repeats: int) -> dict[str, Any]
     configure_torch(config)
     images = test_images(config)
     with tempfile.TemporaryDirectory() as folder:
-        if checkpoint is None:
-            trained = replace(config, epochs=1, cache_dir=f"{folder}/cache", results_dir=f"{folder}/results",
-                              n_figure_images=0)
-            run(trained)
-            checkpoint = str(results_folder(trained) / "checkpoints" / f"{category_of(config)}.pt")
-            origin = "trained here for 1 epoch"
-        else:
-            origin = f"checkpoint {checkpoint}"
         detector = load_detector(checkpoint, device=config.device, test_batch_size=config.test_batch_size,
                                  threads=config.threads, num_workers=config.num_workers)
         started = time.perf_counter()
@@ -221,8 +224,11 @@ def main() -> None:
     config = replace(config, threads=config.threads or torch.get_num_threads())  # the same count on both sides
     print(describe(config))
     images = len(test_images(config))
-    peer = in_child(anomalib_side, config, anomalib_epochs, repeats)
-    mine = in_child(ours, config, checkpoint, repeats)
+    with tempfile.TemporaryDirectory() as folder:
+        origin = f"checkpoint {checkpoint}" if checkpoint else "trained for 1 epoch in a process of its own"
+        checkpoint = checkpoint or in_child(train_here, config, folder)
+        peer = in_child(anomalib_side, config, anomalib_epochs, repeats)
+        mine = in_child(ours, config, checkpoint, origin, repeats)
     print(f"\n{header(config, images, peer, mine)}\n\n{table(peer, mine)}\n")
 
 
