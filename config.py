@@ -78,7 +78,8 @@ class Config:
     cache: bool = _opt("features", True, "cache features on disk (float16); --no-cache computes them on the fly "
                        "(CFLOW)")
     cache_dir: str = _opt("features", "cache", "feature cache folder")
-    refresh_cache: bool = _opt("features", False, "rebuild a cache unit whose metadata no longer matches (extractor.py and main.py)")
+    refresh_cache: bool = _opt("features", False, "rebuild a cache unit whose metadata no longer matches "
+                               "(extractor.py and main.py)")
     extract_batch_size: int = _opt("features", 32, "images per backbone forward pass")
     num_workers: int = _opt("features", 0, "image-decoding worker processes (0 = in the main process)")
 

@@ -76,7 +76,8 @@ def main() -> None:
     parser.add_argument("--mvtec", help="MVTec AD folder holding bottle/")
     parser.add_argument("--magnetic_tile", help="magnetic-tile folder (MVTec layout)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated rows among " + ", ".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated rows among " + ", ".join(VARIANTS))
     parser.add_argument("--cache_dir", default="cache", help="feature cache shared by all rows")
     parser.add_argument("--out", default="results/bench_ablation.md", help="markdown table")
     args = parser.parse_args()

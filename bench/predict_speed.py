@@ -174,7 +174,8 @@ def table(peer: dict[str, Any], mine: dict[str, Any]) -> str:
             ("ours, predict.predict, overlays off (csv + .npy maps)", mine["plain"], mine),
             ("ours, predict.predict, overlays on (csv + .npy maps + PNG overlays)", mine["overlays"], mine)]
     lines = ["| side | images | seconds | images / s | ratio ours / anomalib | CPU seconds | images / CPU s | "
-             "ratio ours / anomalib (CPU) | peak memory (GB) | images / s, all passes |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "ratio ours / anomalib (CPU) | peak memory (GB) | images / s, all passes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for label, figures, side in rows:
         per_cpu = figures["images"] / figures["cpu_seconds"]
         lines.append(f"| {label} | {figures['images']} | {figures['seconds']:.2f} | {figures['images_per_second']:.1f} | "
@@ -192,7 +193,8 @@ def header(config: Config, images: int, peer: dict[str, Any], mine: dict[str, An
             f"anomalib {peer['threads']}, ours {mine['threads']}. Ours: {mine['origin']}, map_norm {config.map_norm}. "
             f"anomalib: {peer['origin']}, post-processing and visualiser off. Untimed setup (model, weights, "
             f"trace): anomalib {peer['setup_seconds']:.1f} s, ours {mine['setup_seconds']:.1f} s; two warm-up batches "
-            f"before the timed passes; each row is the pass with the median time. images / s is wall clock; images / CPU s counts the process's CPU seconds "
+            f"before the timed passes; each row is the pass with the median time. images / s is wall clock; "
+            f"images / CPU s counts the process's CPU seconds "
             f"(all threads; with other jobs on the machine and more than one thread they include spin-waiting).")
 
 

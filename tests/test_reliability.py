@@ -231,7 +231,6 @@ def test_cifar_pickle_without_its_labels_is_a_data_error(tmp_path):
         load_tasks(make_config("demo", dataset="cifar100", data_root=str(tmp_path), classes="fish"))
 
 
-
 @pytest.mark.parametrize("damage", ["truncated", "missing"])
 def test_a_truncated_or_missing_cifar_batch_is_a_data_error_naming_it(tmp_path, damage):
     _write_cifar(tmp_path, "cifar10", bytes)
