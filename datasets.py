@@ -55,18 +55,75 @@ class FileLoader:
         path = self.paths[position]
         try:
             with Image.open(path) as image:
-                if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-                    # 16-bit grayscale: Pillow's convert("RGB") clips at 255 (a white picture); scale 0..65535
-                    # to 0..255 instead (v * 257 -> v exactly)
-                    pixels = np.asarray(image, dtype=np.float64).clip(0, 65535) / 257.0
-                    return Image.fromarray(np.rint(pixels).astype(np.uint8), "L").convert("RGB")
-                return image.convert("RGB")
+                return as_rgb(image, f"image {path}")
         except (OSError, UnidentifiedImageError, ValueError) as error:
             raise DataError(f"cannot read image {path} ({error}); remove or replace the file") from None
 
     def source(self, position: int) -> str:
         """The absolute, resolved path of the image (what predict.py matches scores.csv rows by)."""
         return os.path.realpath(self.paths[position])
+
+    def stamp(self, position: int) -> str:
+        """Size and modification time of the file: an image rewritten under the same name changes it."""
+        try:
+            status = os.stat(self.paths[position])
+        except OSError as error:
+            raise DataError(f"cannot read image {self.paths[position]} ({error}); remove or replace the file") from None
+        return f"{status.st_size}:{status.st_mtime_ns}"
+
+
+def as_rgb(image: Image.Image, name: str) -> Image.Image:
+    """The RGB picture an image shows, whatever its mode (``name`` says which image in an error)."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        # 16-bit grayscale: Pillow's convert("RGB") clips at 255 (a white picture); scale 0..65535
+        # to 0..255 instead (v * 257 -> v exactly)
+        pixels = np.asarray(image, dtype=np.float64).clip(0, 65535) / 257.0
+        return Image.fromarray(np.rint(pixels).astype(np.uint8), "L").convert("RGB")
+    if image.mode == "F":
+        raise DataError(f"{name} holds 32-bit floats (mode F), whose range Pillow cannot know "
+                        "(convert('RGB') clips them to 0 or 1); save it as an 8- or 16-bit image")
+    return image.convert("RGB")
+
+
+class PictureLoader:
+    """Loads images already in memory (RGB PIL images; picklable, for DataLoader workers)."""
+
+    def __init__(self, pictures: Sequence[Image.Image]):
+        self.pictures = list(pictures)
+
+    def __call__(self, position: int) -> Image.Image:
+        return self.pictures[position]
+
+
+def picture_of(item: Any, name: str) -> Image.Image:
+    """One input of ``Detector.predict`` as an RGB PIL image.
+
+    ``item``: a file path, a PIL image, a (3, H, W) tensor or an (H, W, 3) / (H, W) array, uint8 or
+    float in [0, 1] (torchvision's ``to_tensor``; multiplied by 255 and rounded).
+    """
+    import torch
+
+    if isinstance(item, (str, os.PathLike)):
+        if not Path(item).is_file():
+            raise DataError(f"{name}: no image file {item}")
+        return FileLoader([str(item)])(0)
+    if isinstance(item, Image.Image):
+        return as_rgb(item, name)
+    if isinstance(item, torch.Tensor):
+        if item.dim() != 3 or item.shape[0] != 3:
+            raise DataError(f"{name}: a tensor image must be (3, H, W); got {tuple(item.shape)}")
+        item = item.detach().cpu().permute(1, 2, 0).numpy()
+    if not isinstance(item, np.ndarray):
+        raise DataError(f"{name}: expected a file path, a PIL image, a tensor or an array; got {type(item).__name__}")
+    if item.ndim not in (2, 3) or (item.ndim == 3 and item.shape[2] != 3):
+        raise DataError(f"{name}: an array image must be (H, W, 3) or (H, W); got {item.shape}")
+    if item.dtype != np.uint8:
+        if not np.issubdtype(item.dtype, np.floating) or not (np.isfinite(item).all() and 0 <= item.min()
+                                                               and item.max() <= 1):
+            raise DataError(f"{name}: pixels must be uint8 or floats in [0, 1]; got {item.dtype} "
+                            f"from {item.min()} to {item.max()}")
+        item = np.rint(item * 255.0).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(item)).convert("RGB")
 
 
 class ArrayLoader:
@@ -110,9 +167,13 @@ class ImageList:
                          self.positions[indices])
 
     def fingerprint(self) -> str:
-        """Hash of the ids and targets: a cache built for other images is detected as stale."""
+        """Hash of the ids, the targets and, for files, each file's size and modification time: a cache built
+        for other images, or for files since rewritten under the same names, is detected as stale."""
         digest = hashlib.sha256("\n".join(self.ids).encode())
         digest.update(self.targets.tobytes())
+        stamp = getattr(self.loader, "stamp", None)
+        if stamp is not None:
+            digest.update("\n".join(stamp(int(position)) for position in self.positions).encode())
         return digest.hexdigest()[:16]
 
 
@@ -354,11 +415,12 @@ def _defect_task(name: str, root: Path, masks_required: bool, key_prefix: str) -
     missing_masks: list[str] = []
     has_ground_truth = (root / "ground_truth").is_dir()
     for defect in sorted(p.name for p in (root / "test").iterdir() if p.is_dir()):
+        normal = defect.lower() == "good"  # test/Good too (a case-insensitive disk finds train/good in Train/Good)
         for path in _list_images(root / "test" / defect):
             test_paths.append(str(path))
-            labels.append(int(defect != "good"))
+            labels.append(int(not normal))
             mask = root / "ground_truth" / defect / f"{path.stem}_mask.png"
-            if defect == "good":
+            if normal:
                 masks.append(None)
             elif mask.is_file():
                 masks.append(str(mask))
@@ -442,7 +504,12 @@ def mvtec_tasks(root: Path, names: list[str] | None) -> list[Task]:
 def list_image_files(pattern: str) -> list[Path]:
     """A directory: every image file under it, recursively; otherwise a glob pattern (``**`` recurses)."""
     path = Path(pattern).expanduser()
-    candidates = path.rglob("*") if path.is_dir() else map(Path, glob.glob(str(path), recursive=True))
+    if path.is_dir():
+        candidates = path.rglob("*")
+    elif path.is_file():  # a file name may hold glob characters ('scan [2].png')
+        candidates = iter([path])
+    else:
+        candidates = map(Path, glob.glob(str(path), recursive=True))
     files = sorted(p for p in candidates if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
         raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found for '{pattern}': "
@@ -539,9 +606,10 @@ def load_tasks(config: Config) -> list[Task]:
     if dataset == "mvtec":
         tasks = mvtec_tasks(root, names)
     elif dataset == "folder":
-        task = _defect_task(root.name, root, False, "")
-        if names is not None and names != [root.name]:
-            raise DataError(f"the folder dataset has one category, '{root.name}'; got --classes {config.classes}")
+        name = root.resolve().name  # '.' names the current folder
+        task = _defect_task(name, root, False, "")
+        if names is not None and names != [name]:
+            raise DataError(f"the folder dataset has one category, '{name}'; got --classes {config.classes}")
         tasks = [task]
     else:
         readers: dict[str, Callable[[], LabelledSplits]] = {
@@ -570,12 +638,20 @@ def _limit_defect_task(task: Task, config: Config) -> Task:
 
 
 def load_mask(path: str | None, size: tuple[int, int]) -> np.ndarray:
-    """A binary mask resized (nearest) to ``size`` = (height, width); all zeros for None."""
+    """A binary mask resized (nearest) to ``size`` = (height, width); all zeros for None.
+
+    Defective: a palette image's pixels of index > 0 (index 0 is the background in labelme / VOC label
+    files); otherwise the gray level (RGB: luminance) above half the mask's brightest pixel, so that 0/255
+    masks (MVTec AD), 0/1 masks and masks drawn in a colour all read alike. An all-black mask is empty.
+    """
     if path is None:
         return np.zeros(size, dtype=bool)
     try:
         with Image.open(path) as image:
-            mask = image.convert("L").resize((size[1], size[0]), Image.NEAREST)
-    except (OSError, UnidentifiedImageError) as error:
+            palette = image.mode == "P"
+            levels = np.asarray(image if palette else image.convert("L"))
+    except (OSError, UnidentifiedImageError, ValueError) as error:
         raise DataError(f"cannot read mask {path} ({error}); remove or replace the file") from None
-    return np.asarray(mask) > 127
+    defective = levels > 0 if palette else levels > max(levels.max(), 1) / 2
+    resized = Image.fromarray(defective.astype(np.uint8) * 255).resize((size[1], size[0]), Image.NEAREST)
+    return np.asarray(resized) > 0

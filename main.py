@@ -106,12 +106,19 @@ def evaluate(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | None,
     if len(np.unique(labels)) < 2:
         kind = "normal" if labels.max(initial=0) == 0 else "anomalous"
         return {"note": f"the test split holds only {kind} images: AUROC, F1 and the pixel metrics are n/a"}
+    note = ""
     if masks is not None and not (masks.any() and (~masks).any()):
+        note = "the masks mark no defective pixel (or only defective ones): the pixel metrics are n/a"
         masks = maps = None
+    elif masks is not None:
+        empty = int((~masks[labels == 1].any(axis=(1, 2))).sum())
+        if empty:
+            note = (f"{empty} defective test image(s) have an empty mask; the pixel metrics count all their pixels "
+                    "as normal")
     metrics = detection_and_localization(labels, scores, masks, None if masks is None else maps)
     if defect_types is not None:
         metrics["per_defect_type"] = per_defect_type(labels, defect_types, scores, masks, maps)
-    return metrics
+    return {**metrics, "note": note} if note else metrics
 
 
 def fit_or_load(config: Config, task: Task, extractor: FeatureExtractor, features: SplitFeatures,

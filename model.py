@@ -10,8 +10,9 @@
 - Detectors (:class:`SANFDetector`, :class:`CFlowDetector`, :class:`KNNDetector`,
   :class:`GaussianDetector`): frozen backbone + fitted head + token normalisation + a decision
   threshold set on held-out normal training images, with ``fit`` / ``score`` / ``score_images`` /
-  ``save``; :func:`load_detector` reads a checkpoint back (``torch.load(weights_only=True)``: no
-  pickled code runs) and refuses settings it was not trained with.
+  ``predict`` (paths, PIL images or tensors → :class:`Prediction`) / ``save``; :func:`load_detector`
+  reads a checkpoint back (``torch.load(weights_only=True)``: no pickled code runs) and refuses
+  settings it was not trained with.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from anomaly_map import (AnomalyMapGenerator, ScoringRule, StageStatistics, cand
                          stage_statistics)
 from baselines import GaussianScorer, KNNScorer
 from config import Config, ConfigError
-from datasets import ImageList
+from datasets import DataError, ImageList, PictureLoader, picture_of
 from extractor import FeatureExtractor, image_batches
 from fusion import build_sanf_flow
 from synthetic import synthetic_defects
@@ -352,6 +353,10 @@ class SANFModel(nn.Module):
         self.flow_channels = flow_channels or self.flow_dim
         self.n_tokens = n_tokens
         self.texture_dim = texture_dim or dim
+        if context == "half" and self.texture_dim != dim:
+            raise ConfigError(f"--caff_context half splits the texture tokens like the semantic token, so they need its "
+                              f"{dim} channels; these have {self.texture_dim} (a CNN's intermediate stage): use "
+                              "--caff_context full, or --texture_layers last")
         self.context = context
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("whitening", torch.eye(dim)[:, : self.flow_dim].clone())
@@ -494,6 +499,15 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """What :meth:`Detector.predict` returns for B images."""
+
+    scores: np.ndarray  # (B,) image anomaly scores (higher: more anomalous)
+    anomalous: np.ndarray  # (B,) bool: score above the detector's threshold (set on normal training images)
+    maps: np.ndarray | None  # (B, S, S) anomaly maps at img_size (CFLOW), None for image-level methods
+
+
 class Detector:
     """Frozen backbone + a head fitted on normal images + a decision threshold.
 
@@ -552,9 +566,38 @@ class Detector:
 
     def score_images(self, images: Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """uint8 images (B, 3, S, S) at ``img_size`` → image scores (B,) and anomaly maps (B, S, S) or None."""
+        size = self.config.img_size
+        if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
+            raise DetectorError(f"score_images takes uint8 images of shape (B, 3, {size}, {size}); got {images.dtype} "
+                                f"{tuple(images.shape)} (float pixels in [0, 1]: multiply by 255 and round; other "
+                                "sizes: Detector.predict resizes as in training)")
         with record_function("predict.backbone"):
             features = self.features_of(self.extractor(images))
         return self.score(features)
+
+    def predict(self, images: Any, batch_size: int | None = None) -> Prediction:
+        """Scores, flags and maps of new images, in the order given.
+
+        ``images``: one image or a list of them, each a file path, a PIL image, a (3, H, W) tensor or an
+        (H, W, 3) array (uint8, or floats in [0, 1]); or a (B, 3, H, W) tensor. Each is made RGB and resized
+        (bicubic) to ``img_size`` as in training, so an image file scores here as in main.py and predict.py.
+        """
+        if isinstance(images, Tensor) and images.dim() == 4:
+            images = list(images)
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
+        pictures = [picture_of(item, f"image {position}") for position, item in enumerate(images)]
+        if not pictures:
+            raise DataError("Detector.predict was given no image")
+        image_list = ImageList.create([str(p) for p in range(len(pictures))], [0] * len(pictures),
+                                      PictureLoader(pictures))
+        scores, maps = [], []
+        for batch in image_batches(image_list, self.config, batch_size=batch_size or self.config.test_batch_size):
+            batch_scores, batch_maps = self.score_images(batch)
+            scores.append(batch_scores)
+            maps.append(batch_maps)
+        all_scores = np.concatenate(scores)
+        return Prediction(all_scores, self.flagged(all_scores), None if maps[0] is None else np.concatenate(maps))
 
     def flagged(self, scores: np.ndarray) -> np.ndarray:
         """Which scores are above the decision threshold."""

@@ -246,3 +246,67 @@ def test_magnetic_tile_real_copy(magnetic_tile_root, capsys):
     assert folder.test.ids == task.test.ids
     assert dataset_identity(make_config("demo", dataset="folder", data_root=str(magnetic_tile_root))).startswith(
         "folder-magnetic_tile-")
+
+
+def test_masks_in_other_encodings_read_as_the_defect_they_mark(tmp_path):
+    """0/255 (MVTec AD), 0/1, a palette label file (labelme: index 1 = dark red) and a mask drawn in red all
+    mark the same 4x4 square; an all-black mask marks nothing."""
+    square = np.zeros((16, 16), dtype=np.uint8)
+    square[4:8, 4:8] = 1
+    palette = Image.fromarray(square, "P")
+    palette.putpalette([0, 0, 0, 128, 0, 0] + [0] * 762)
+    red = np.zeros((16, 16, 3), dtype=np.uint8)
+    red[4:8, 4:8, 0] = 255
+    masks = {"mvtec.png": Image.fromarray(square * 255, "L"), "binary.png": Image.fromarray(square, "L"),
+             "palette.png": palette, "red.png": Image.fromarray(red, "RGB"),
+             "black.png": Image.fromarray(np.zeros((16, 16), np.uint8), "L")}
+    for name, image in masks.items():
+        image.save(tmp_path / name)
+    expected = square.astype(bool)
+    for name in ("mvtec.png", "binary.png", "palette.png", "red.png"):
+        assert np.array_equal(load_mask(str(tmp_path / name), (16, 16)), expected), name
+        assert load_mask(str(tmp_path / name), (8, 8)).sum() == 4, name
+    assert not load_mask(str(tmp_path / "black.png"), (16, 16)).any()
+
+
+@pytest.mark.parametrize("good", ["Good", "GOOD"])
+def test_a_good_test_folder_in_other_case_holds_normal_images(tmp_path, good):
+    root = tmp_path / "parts"
+    write_image(root / "train" / "good" / "000.png")
+    write_image(root / "test" / good / "000.png")
+    write_image(root / "test" / "crack" / "000.png", value=200)
+    task = load_tasks(make_config("demo", dataset="folder", data_root=str(root)))[0]
+    assert dict(zip(task.test.ids, task.test_labels.tolist())) == {f"test/{good}/000.png": 0, "test/crack/000.png": 1}
+
+
+def test_folder_given_as_dot_is_named_after_the_folder(tmp_path, monkeypatch):
+    root = tmp_path / "my_parts"
+    write_category(root, masks=False)
+    monkeypatch.chdir(root)
+    task = load_tasks(make_config("demo", dataset="folder", data_root="."))[0]
+    assert task.name == "my_parts"
+
+
+def test_one_file_whose_name_holds_glob_characters_is_found(tmp_path):
+    path = tmp_path / "scan [2].png"
+    write_image(path)
+    assert list_image_files(str(path)) == [path]
+
+
+def test_rewriting_an_image_under_its_name_changes_the_fingerprint(tmp_path):
+    root = tmp_path / "parts"
+    write_category(root, masks=False)
+    config = make_config("demo", dataset="folder", data_root=str(root))
+    before = load_tasks(config)[0].train.fingerprint()
+    assert load_tasks(config)[0].train.fingerprint() == before
+    write_image(root / "train" / "good" / "000.png", value=10, size=24)
+    assert load_tasks(config)[0].train.fingerprint() != before
+
+
+def test_float_image_is_refused_naming_the_fix(tmp_path):
+    write_category(tmp_path / "parts", masks=False)
+    Image.fromarray(np.full((16, 16), 0.5, dtype=np.float32), "F").save(tmp_path / "parts" / "train" / "good" / "000.tif")
+    task = load_tasks(make_config("demo", dataset="folder", data_root=str(tmp_path / "parts")))[0]
+    position = task.train.ids.index("train/good/000.tif")
+    with pytest.raises(DataError, match=r"000\.tif holds 32-bit floats .* save it as an 8- or 16-bit image"):
+        task.train.load(position)

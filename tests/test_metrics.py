@@ -248,3 +248,21 @@ def test_per_defect_type_scores_each_type_against_all_normal_images():
     assert result["crack"]["pixel_auroc"] == pytest.approx(1.0)
     assert result["stain"]["pixel_auroc"] == pytest.approx(0.5 * 1.0 + 0.5 * 0.0)
     assert per_defect_type(np.zeros(3), np.array(["good"] * 3), np.zeros(3)) == {}
+
+
+def test_evaluate_notes_defective_images_with_empty_masks_and_masks_without_defects():
+    from main import evaluate
+
+    labels = np.array([0, 0, 1, 1])
+    scores = np.array([0.1, 0.2, 0.8, 0.3])
+    maps = np.random.default_rng(0).random((4, 8, 8))
+    masks = np.zeros((4, 8, 8), dtype=bool)
+    masks[2, 2:4, 2:4] = True  # image 3 is defective but its mask is empty
+    noted = evaluate(labels, scores, masks, maps)
+    assert noted["note"].startswith("1 defective test image(s) have an empty mask")
+    assert noted["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()))
+    blank = evaluate(labels, scores, np.zeros_like(masks), maps)
+    assert "pixel_auroc" not in blank and "mark no defective pixel" in blank["note"]
+    assert blank["image_auroc"] == pytest.approx(roc_auc_score(labels, scores))
+    masks[3, 0, 0] = True
+    assert "note" not in evaluate(labels, scores, masks, maps)

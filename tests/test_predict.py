@@ -19,6 +19,7 @@ from PIL import Image
 
 import predict
 from config import make_config
+from datasets import DataError
 from main import results_folder, run
 from model import DetectorError, load_detector
 from report import read_scores_csv
@@ -69,6 +70,37 @@ def test_predict_gives_the_scores_of_the_evaluation(method, tmp_path):
     assert not (out / "maps").exists()  # image-level methods have no maps
 
 
+@pytest.mark.parametrize("method", ["sanf", "cflow"])
+def test_detector_predict_scores_paths_pictures_arrays_and_tensors_alike(method, tmp_path):
+    """Detector.predict (the Python inferencer) gives the evaluation's scores for files, and the same scores
+    for the same pictures given as PIL images, uint8 arrays, uint8 tensors or float tensors in [0, 1]."""
+    data = digits_folder(tmp_path / "digits", n_test=4)
+    config = folder_config(data, tmp_path, method, layers="blocks.2,blocks.4")
+    run(config)
+    folder = results_folder(config)
+    evaluated = read_scores_csv(folder / "scores.csv")
+    detector = load_detector(folder / "checkpoints" / "digits.pt")
+    paths = sorted(evaluated)
+    from_files = detector.predict(paths)
+    assert np.abs(from_files.scores - np.array([evaluated[p] for p in paths])).max() <= 1e-5
+    assert np.array_equal(from_files.anomalous, from_files.scores > detector.threshold)
+    assert (from_files.maps is None) == (method != "cflow")
+    pictures = [Image.open(p) for p in paths]  # 32 x 32 grayscale files, resized to img_size 64 as in training
+    arrays = [np.array(p.convert("RGB")) for p in pictures]
+    tensors = torch.stack([torch.from_numpy(a).permute(2, 0, 1) for a in arrays])
+    for inputs in (pictures, arrays, tensors, tensors.float() / 255, list(tensors)):
+        again = detector.predict(inputs, batch_size=3)
+        np.testing.assert_allclose(again.scores, from_files.scores, rtol=0, atol=1e-5)
+        if method == "cflow":
+            assert again.maps.shape == (len(paths), 64, 64)
+            np.testing.assert_allclose(again.maps, from_files.maps, rtol=0, atol=1e-4)
+    assert detector.predict(paths[0]).scores.shape == (1,)
+    with pytest.raises(DataError, match="floats in \\[0, 1\\]"):
+        detector.predict(tensors.float())
+    with pytest.raises(DataError, match="no image file"):
+        detector.predict(str(tmp_path / "missing.png"))
+
+
 def test_a_test_split_with_normal_images_only_still_writes_scores(tmp_path):
     data = digits_folder(tmp_path / "digits", defects=False)
     payload = run(folder_config(data, tmp_path, "knn"))
@@ -94,7 +126,13 @@ def test_checkpoints_refuse_other_settings_and_foreign_files(tmp_path):
     config = folder_config(data, tmp_path, "sanf")
     run(config)
     checkpoint = results_folder(config) / "checkpoints" / "digits.pt"
-    assert load_detector(checkpoint, config).threshold > 0
+    detector = load_detector(checkpoint, config)
+    assert detector.threshold > 0
+    size = config.img_size
+    with pytest.raises(DetectorError, match=rf"uint8 images of shape \(B, 3, {size}, {size}\); got torch.float32"):
+        detector.score_images(torch.rand(2, 3, size, size))
+    with pytest.raises(DetectorError, match=r"got torch.uint8 \(2, 3, 20, 20\)"):
+        detector.score_images(torch.zeros(2, 3, 20, 20, dtype=torch.uint8))
     with pytest.raises(DetectorError, match=r"hidden \(checkpoint 64, asked 32\); clamp \(checkpoint 3.0, asked 2.0\)"):
         load_detector(checkpoint, folder_config(data, tmp_path, "sanf", hidden=32, clamp=2.0))
     foreign = tmp_path / "foreign.pt"

@@ -302,3 +302,11 @@ def test_measurement_positions_follow_the_parts_actually_trained():
         model.fit_preprocessing(fit["sem"])
         info = train_sanf(model, fit, held, config, "toy")
         assert [record["epoch"] for record in info["curve"]] == expected and info["epochs_run"] == 2
+
+
+def test_half_context_with_texture_tokens_of_another_width_is_refused_naming_the_fix():
+    from config import ConfigError
+
+    with pytest.raises(ConfigError, match="--caff_context full"):
+        SANFModel(dim=16, n_tokens=4, n_layers=1, hidden=8, heads=2, context="half", texture_dim=8)
+    SANFModel(dim=16, n_tokens=4, n_layers=1, hidden=8, heads=2, context="full", texture_dim=8)
