@@ -375,16 +375,24 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> Config
     print as one line before exiting 2.
     """
     pre = _parser(prog, add_help=False)
-    pre.add_argument("--preset", choices=PRESETS, default="demo")
+    pre.add_argument("--preset", choices=PRESETS)
     pre.add_argument("--method", choices=METHODS)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
+    preset = known.preset or "demo"
     top = _read_config_file(known.config) if known.config else {}
     if known.method:
         top["method"] = known.method
-    args = vars(_full_parser(prog, known.preset, _resolve(known.preset, top)).parse_args(argv))
+    args = vars(_full_parser(prog, preset, _resolve(preset, top)).parse_args(argv))
     del args["preset"], args["config"]
-    return _build(args)
+    config = _build(args)
+    demo = PRESETS["demo"]
+    if known.preset is None and not known.config and config.dataset != demo["dataset"] \
+            and config.img_size == demo["img_size"]:
+        print(f"note: without --preset the data and feature fields not given are the demo preset's, so {config.dataset} "
+              f"images are resized to {config.img_size} px for {config.backbone}; pass --img_size (256 for defect "
+              "images, as --preset cflow_lite0) or a --preset")
+    return config
 
 
 def describe(config: Config) -> str:

@@ -174,3 +174,14 @@ def test_make_config_names_the_valid_presets_and_fields():
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         make_config().epochs = 3  # type: ignore[misc]
+
+
+def test_a_dataset_without_preset_or_size_is_told_it_gets_the_demo_size(capsys):
+    """Without --preset the demo preset's 64 px apply to every dataset; a note says so, unless a size or a
+    preset was given."""
+    config = parse_args(["--method", "cflow", "--dataset", "folder", "--data_root", "parts"])
+    assert config.img_size == 64 and "resized to 64 px" in capsys.readouterr().out
+    for argv in (["--method", "cflow", "--dataset", "folder", "--img_size", "256"],
+                 ["--preset", "cflow_lite0", "--dataset", "folder"], [], ["--preset", "demo", "--dataset", "mvtec"]):
+        parse_args(argv)
+        assert "note" not in capsys.readouterr().out, argv
