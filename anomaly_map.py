@@ -236,7 +236,10 @@ def select_scoring(normal_maps: dict[str, Tensor], defect_maps: dict[str, Tensor
 
     A few dozen held-out images give AUROCs a few hundredths apart by chance, so the first
     candidate (the paper's rule) is left only for a rule better by more than the standard error
-    of its AUROC (``auroc_standard_error``); among those, the best.
+    of its AUROC (``auroc_standard_error``); among those, the best. The maps are normalised with the
+    training statistics (``map_norm`` train) whatever the run's ``map_norm``: with ``test`` or ``batch`` a
+    score depends on the images scored with it, which a selection set of normal images followed by their
+    defective copies would not represent.
 
     Args:
         normal_maps, defect_maps: log p / C per stage of held-out normal training images and of

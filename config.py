@@ -121,8 +121,9 @@ class Config:
                         "max (the paper) or topK (mean of the K% highest pixels, K in 1, 10); auto: chosen after "
                         "training on held-out normal training images and synthetic defects made from them "
                         "(synthetic.py), never on a test split; the paper's rule unless another separates them better "
-                        "by more than the standard error of its AUROC. The official scoring is exp/max with "
-                        "--map_norm test, anomalib's exp/max with --map_norm batch")
+                        "by more than the standard error of its AUROC (the rules are compared on maps normalised "
+                        "with training statistics, as --map_norm train, whatever --map_norm is). The official "
+                        "scoring is exp/max with --map_norm test, anomalib's exp/max with --map_norm batch")
     test_batch_size: int = _opt("cflow", 32, "images per scoring batch")
     n_figure_images: int = _opt("cflow", 6, "test images drawn in each category's figure")
     save_maps: bool = _opt("cflow", False, "write every test image's anomaly map (.npy, float16) under the results "
@@ -308,6 +309,9 @@ def validate(config: Config) -> None:
         raise ConfigError(f"threshold_fpr must lie in (0, 1), got {config.threshold_fpr}")
     if config.condition_dims % 4:
         raise ConfigError(f"condition_dims must be a multiple of 4, got {config.condition_dims}")
+    if not config.cache and config.method != "cflow":
+        raise ConfigError(f"--no-cache computes CFLOW's features on every batch; method {config.method} reads its "
+                          "features from the cache: drop --no-cache")
     if config.method == "cflow" and not config.layer_list():
         raise ConfigError("method=cflow needs --layers (backbone module names, comma-separated)")
     if config.scoring != "auto":

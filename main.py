@@ -34,7 +34,7 @@ from config import Config, ConfigError, describe, parse_args
 from datasets import DataError, Task, dataset_identity, held_out_split, load_mask, load_tasks
 from extractor import CacheError, FeatureExtractor, WeightsError, task_features
 from metrics import detection_and_localization, per_defect_type
-from model import Detector, DetectorError, StageFeatures, build_detector, load_detector
+from model import TRAINING_FIELDS, Detector, DetectorError, StageFeatures, build_detector, load_detector
 from report import (MAP_NORM_NOTES, method_label, save_histogram, save_map_figure, save_training_curve,
                     write_results, write_scores_csv)
 from train import TrainingError
@@ -123,8 +123,8 @@ def evaluate(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | None,
 
 def fit_or_load(config: Config, task: Task, extractor: FeatureExtractor, features: SplitFeatures,
                 held_index: np.ndarray, checkpoint: Path) -> Detector:
-    if config.eval_only:
-        return load_detector(checkpoint, config, extractor)
+    if config.eval_only:  # results.json reports this run's settings: they must be the checkpoint's
+        return load_detector(checkpoint, config, extractor, also=TRAINING_FIELDS)
     detector = build_detector(config, extractor)
     detector.fit(features[0], features[1], task.name, task.train.subset(held_index))
     detector.save(checkpoint)
@@ -197,7 +197,9 @@ def run(config: Config) -> dict[str, Any]:
     extractor = FeatureExtractor(config)
     folder = results_folder(config)
     notes = {"held_out": f"{config.val_fraction:g} of each task's normal training images (seed {config.seed}) are held "
-                         "out of the fit for every method; they pick the kept epoch and set the threshold"}
+                         "out of the fit for every method; they pick the kept epoch and set the threshold"
+             if config.val_fraction > 0 else "val_fraction 0: every normal training image is fitted; the last epoch is "
+                                             "kept and the threshold comes from the fit images' scores (optimistic)"}
     if config.method == "cflow":
         notes.update(map_normalization=config.map_norm, map_normalization_note=MAP_NORM_NOTES[config.map_norm])
     per_class: dict[str, dict[str, Any]] = {}

@@ -654,8 +654,8 @@ class _TokenDetector(Detector):
         tokens = {name: normalise_tokens(value.to(self.config.device).float(), self.config.token_norm)
                   for name, value in features.items()}
         if not all(torch.isfinite(value).all() for value in tokens.values()):
-            raise TrainingError("non-finite features; rebuild the cache (extractor.py --refresh_cache) and check "
-                                "--weights")
+            raise TrainingError("non-finite features; delete this run's feature cache folder (under --cache_dir) so "
+                                "that they are extracted again, and check --weights")
         return tokens
 
     @torch.no_grad()
@@ -914,21 +914,29 @@ def trained_config(saved: dict[str, Any], path: Path) -> Config:
                             "retrain") from None
 
 
-def settings_differences(trained: Config, asked: Config) -> list[str]:
-    """Score-affecting fields whose values differ, as ``name (checkpoint X, asked Y)``."""
-    names = COMMON_SCORE_FIELDS + SCORE_FIELDS[trained.method]
+TRAINING_FIELDS = ("max_train_per_class", "seed", "train_noise", "fiber_batch", "epochs", "batch_size", "lr", "beta1",
+                   "beta2", "weight_decay", "grad_clip", "val_fraction", "patience", "held_out_checks", "threshold_fpr")
+"""Settings that made a checkpoint (its fit images, held-out images, training and threshold) without changing how
+it scores: ``main.py --eval_only`` refuses other values, since its results.json would report them."""
+
+
+def settings_differences(trained: Config, asked: Config, also: tuple[str, ...] = ()) -> list[str]:
+    """Score-affecting fields (and the fields ``also`` names) whose values differ, as
+    ``name (checkpoint X, asked Y)``."""
+    names = COMMON_SCORE_FIELDS + SCORE_FIELDS[trained.method] + also
     return [f"{name} (checkpoint {getattr(trained, name)!r}, asked {getattr(asked, name)!r})"
             for name in names if getattr(trained, name) != getattr(asked, name)]
 
 
 def load_detector(path: Path | str, config: Config | None = None, extractor: FeatureExtractor | None = None,
-                  **run_settings: Any) -> Detector:
+                  also: tuple[str, ...] = (), **run_settings: Any) -> Detector:
     """A trained detector from its checkpoint.
 
     Args:
         path: the checkpoint (``<results>/checkpoints/<task>.pt``).
-        config: the settings asked for; a score-affecting field that differs from the checkpoint's
-            stops with a DetectorError naming every such field. None: the checkpoint's own settings.
+        config: the settings asked for; a score-affecting field (or a field ``also`` names) that differs from
+            the checkpoint's stops with a DetectorError naming every such field. None: the checkpoint's own
+            settings.
         extractor: a backbone already built for these settings (its weights are checked).
         run_settings: without ``config``, fields that do not change scores (device, weights location,
             test_batch_size, threads) replaced in the checkpoint's settings.
@@ -937,7 +945,7 @@ def load_detector(path: Path | str, config: Config | None = None, extractor: Fea
     saved = _read_checkpoint(path)
     trained = trained_config(saved, path)
     if config is not None:
-        differences = settings_differences(trained, config)
+        differences = settings_differences(trained, config, also)
         if differences:
             raise DetectorError(f"checkpoint {path} was trained with other settings: {'; '.join(differences)}; "
                                 "drop those flags (or pass --config with the run's results.json) or retrain")

@@ -16,8 +16,13 @@ from config import Config
 from datasets import Task
 from utils import atomic_write_bytes, atomic_write_json
 
-SELECTION_NOTE = ("no epoch, threshold or setting was selected on the test set: the kept epoch and the decision "
-                  "threshold come from held-out normal training images")
+def selection_note(config: Config) -> str:
+    """What chose the kept epoch and the threshold (never the test set)."""
+    if config.val_fraction > 0:
+        return ("no epoch, threshold or setting was selected on the test set: the kept epoch and the decision "
+                "threshold come from held-out normal training images")
+    return ("no epoch, threshold or setting was selected on the test set: with val_fraction 0 the last epoch is kept "
+            "and the decision threshold comes from the fit images' own scores")
 MAP_NORM_NOTES = {
     "train": "maps normalised with the per-stage maximum of log p / C over the training fibers: a test image's "
              "score does not depend on the other test images",
@@ -156,12 +161,12 @@ def write_results(config: Config, folder: Path, per_class: dict[str, dict[str, A
     """results.json (metrics, configuration, notes) and results.md (the table); both rewritten atomically."""
     mean = mean_metrics(per_class)
     payload = {"per_class": per_class, "mean": mean, "config": config.to_dict(), "wall_seconds": wall,
-               "selection": SELECTION_NOTE, "complete": complete, **(notes or {})}
+               "selection": selection_note(config), "complete": complete, **(notes or {})}
     atomic_write_json(folder / "results.json", payload)
     noun = ("category", "categories") if config.method == "cflow" else ("class", "classes")
     settings = (f"{config.dataset}, {config.backbone} ({config.img_size} px), "
                 f"{len(per_class)} {noun[len(per_class) != 1]}; "
-                f"image AUROC{'' if config.method != 'cflow' else ' and localisation metrics'}; {SELECTION_NOTE}.")
+                f"image AUROC{'' if config.method != 'cflow' else ' and localisation metrics'}; {selection_note(config)}.")
     table = cflow_table if config.method == "cflow" else one_class_table
     markdown = f"{table(config, per_class, mean)}\n\n{settings}\n"
     atomic_write_bytes(folder / "results.md", markdown.encode())
@@ -176,8 +181,8 @@ def write_scores_csv(path: Path, rows: list[tuple[str, str, int, float]]) -> Non
 
 
 def csv_field(text: str) -> str:
-    """One CSV field, quoted (inner quotes doubled) where it holds a comma, a quote or a newline."""
-    return f'"{text.replace(chr(34), chr(34) * 2)}"' if any(c in text for c in ',"\n') else text
+    """One CSV field, quoted (inner quotes doubled) where it holds a comma, a quote or a line break."""
+    return f'"{text.replace(chr(34), chr(34) * 2)}"' if any(c in text for c in ',"\n\r') else text
 
 
 def read_scores_csv(path: Path) -> dict[str, float]:

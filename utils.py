@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import platform
 import random
@@ -19,8 +20,19 @@ from torch import Tensor
 
 
 def atomic_write_json(path: Path, payload: Any) -> None:
-    """Write JSON so that readers see the old file or the complete new one, never a half."""
-    atomic_write_bytes(Path(path), json.dumps(payload, indent=1).encode())
+    """Write strict JSON (NaN and infinities become null) so that readers see the old file or the complete new
+    one, never a half."""
+    atomic_write_bytes(Path(path), json.dumps(_finite_or_null(payload), indent=1, allow_nan=False).encode())
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -31,11 +43,22 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write(Path(path), lambda stream: torch.save(obj, stream))
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once, at import: os.umask can only be read by setting it, which threads would race
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     """``write`` into a temporary file beside ``path``, fsync it, rename it over ``path`` and fsync the
-    folder: after a kill or a power cut, ``path`` is the old file or the complete new one."""
+    folder: after a kill or a power cut, ``path`` is the old file or the complete new one. The file gets
+    the mode a plain ``open`` would give it (mkstemp's own is 0600: owner only)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(handle, 0o666 & ~_UMASK)
     try:
         with os.fdopen(handle, "wb") as stream:
             write(stream)
@@ -77,11 +100,19 @@ def configure_torch(config: Any) -> None:
 
 
 def check_device(device: str) -> None:
-    """Stop with a ConfigError naming the fix when ``device`` is CUDA and torch sees none."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        from config import ConfigError
+    """Stop with a ConfigError naming the fix when ``device`` is no torch device, or a CUDA device torch
+    does not see."""
+    from config import ConfigError
 
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device} asked for, but torch sees no CUDA device; use --device cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s): "
+                          f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)

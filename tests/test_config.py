@@ -76,7 +76,7 @@ def test_overrides_are_typed():
 
 
 def test_boolean_flags():
-    assert parse_args([]).cache is True and parse_args(["--no-cache"]).cache is False
+    assert parse_args([]).cache is True and parse_args(["--method", "cflow", "--no-cache"]).cache is False
     assert parse_args(["--no-cache", "--cache"]).cache is True
     config = parse_args(["--eval_only", "--refresh_cache", "--save_maps", "--permute_soft"])
     assert (config.eval_only, config.refresh_cache, config.save_maps, config.permute_soft) == (True,) * 4
@@ -144,6 +144,7 @@ def test_missing_config_file_is_named(tmp_path):
     (["--threshold_fpr", "1"], r"threshold_fpr must lie in \(0, 1\)"),
     (["--condition_dims", "130"], "multiple of 4"),
     (["--method", "cflow", "--layers", ""], "needs --layers"),
+    (["--method", "knn", "--no-cache"], "method knn reads its features from the cache: drop --no-cache"),
 ])
 def test_bad_values_are_refused(argv, message):
     with pytest.raises(ConfigError, match=message):
@@ -185,3 +186,13 @@ def test_a_dataset_without_preset_or_size_is_told_it_gets_the_demo_size(capsys):
                  ["--preset", "cflow_lite0", "--dataset", "folder"], [], ["--preset", "demo", "--dataset", "mvtec"]):
         parse_args(argv)
         assert "note" not in capsys.readouterr().out, argv
+
+
+@pytest.mark.parametrize("device, message", [("gpu", "'gpu' is not a torch device"),
+                                             ("cuda:x", "'cuda:x' is not a torch device")])
+def test_a_device_torch_does_not_know_is_refused_naming_the_choices(device, message):
+    from utils import check_device
+
+    with pytest.raises(ConfigError, match=message + ": use cpu, cuda or cuda:N"):
+        check_device(device)
+    check_device("cpu")

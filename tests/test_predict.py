@@ -135,6 +135,11 @@ def test_checkpoints_refuse_other_settings_and_foreign_files(tmp_path):
         detector.score_images(torch.zeros(2, 3, 20, 20, dtype=torch.uint8))
     with pytest.raises(DetectorError, match=r"hidden \(checkpoint 64, asked 32\); clamp \(checkpoint 3.0, asked 2.0\)"):
         load_detector(checkpoint, folder_config(data, tmp_path, "sanf", hidden=32, clamp=2.0))
+    # --eval_only also refuses the settings that made the checkpoint: its results.json would report them
+    with pytest.raises(DetectorError, match=r"lr \(checkpoint 5e-05, asked 0.001\); val_fraction \(checkpoint 0.1, "
+                                            r"asked 0.2\)"):
+        run(folder_config(data, tmp_path, "sanf", eval_only=True, lr=1e-3, val_fraction=0.2))
+    assert run(folder_config(data, tmp_path, "sanf", eval_only=True))["per_class"]["digits"]["n_held_out"] == 6
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
     corrupt = tmp_path / "corrupt.pt"
@@ -174,7 +179,7 @@ def test_output_names_stay_distinct_when_stems_or_flattened_paths_collide():
 def test_csv_fields_with_commas_quotes_and_newlines_read_back_unchanged():
     from report import csv_field
 
-    texts = ["plain.png", "a,b.png", 'say "hi".png', "line\nbreak.png", '",",.png']
+    texts = ["plain.png", "a,b.png", 'say "hi".png', "line\nbreak.png", "carriage\rreturn.png", '",",.png']
     line = ",".join(csv_field(text) for text in texts)
     assert next(csv.reader(io.StringIO(line))) == texts
 

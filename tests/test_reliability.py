@@ -297,3 +297,27 @@ def test_demo_runs_are_bit_repeatable_with_one_cache_or_two(tmp_path):
     assert _demo_run(tmp_path, "cache_b", "results_c") == first
     cached, fresh = _cache_arrays(tmp_path / "cache_a"), _cache_arrays(tmp_path / "cache_b")
     assert len(cached) == 6 and _same(fresh, cached)
+
+
+def test_atomic_files_get_a_plain_files_mode_and_strict_json(tmp_path):
+    """mkstemp makes owner-only files; results, checkpoints and cache metadata must be readable like any file
+    the user writes. JSON is strict: NaN and infinities (held-out NLL with val_fraction 0) become null."""
+    from utils import _UMASK, atomic_write_json
+
+    atomic_write_json(tmp_path / "results.json", {"curve": [{"held_out_nll": float("nan")}, 1.5, float("inf")]})
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o666 & ~_UMASK
+    text = (tmp_path / "results.json").read_text()
+    assert "NaN" not in text and json.loads(text) == {"curve": [{"held_out_nll": None}, 1.5, None]}
+
+
+def test_notes_of_a_run_without_held_out_images_say_where_epoch_and_threshold_came_from(tmp_path):
+    config = make_config("demo", method="gaussian", classes="0", val_fraction=0.0, cache_dir=str(tmp_path / "cache"),
+                         results_dir=str(tmp_path / "results"))
+    main.run(config)
+    payload = json.loads((main.results_folder(config) / "results.json").read_text())
+    assert payload["held_out"].startswith("val_fraction 0: every normal training image is fitted")
+    assert "the fit images' own scores" in payload["selection"] and "held-out" not in payload["selection"]
+    assert "fit images themselves" in payload["per_class"]["0"]["threshold_rule"]
+    assert "the fit images' own scores" in (main.results_folder(config) / "results.md").read_text()

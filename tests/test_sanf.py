@@ -130,7 +130,7 @@ def test_non_finite_features_and_loss_stop_training(monkeypatch):
     with pytest.raises(TrainingError, match="non-finite loss at epoch 1, batch 1 of 'toy'.*lower --lr"):
         train_sanf(model, features, None, config, "toy")
     features["sem"][3, 0] = float("inf")
-    with pytest.raises(TrainingError, match="non-finite features.*refresh_cache"):
+    with pytest.raises(TrainingError, match="non-finite features; delete this run.s feature cache folder"):
         SANFDetector(config).fit(features, None, "toy")
 
 
