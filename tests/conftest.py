@@ -17,6 +17,24 @@ def untimed_curve(curve: list[dict]) -> list[dict]:
     return [{key: value for key, value in record.items() if key != "seconds"} for record in curve]
 
 
+def not_below_baseline(method_auroc: float, baseline_auroc: float, labels) -> bool:
+    """``method_auroc`` >= ``baseline_auroc`` - 2 standard errors (Hanley-McNeil, at the method's AUROC, for the
+    test split's numbers of anomalous and normal images): what a method that starts from the baseline or
+    should beat it must reach on the same split, whatever the last run measured."""
+    from anomaly_map import auroc_standard_error
+
+    positives = int(sum(labels))
+    error = auroc_standard_error(method_auroc, positives, len(labels) - positives)
+    return method_auroc >= baseline_auroc - 2 * error
+
+
+def kept_the_best_measurement(metrics: dict) -> bool:
+    """The kept epoch is the (first) measurement of lowest held-out NLL in the run's curve, epoch 0 included."""
+    measured = [(record["held_out_nll"], index) for index, record in enumerate(metrics["curve"])
+                if "held_out_nll" in record]
+    return metrics["curve"][min(measured)[1]]["epoch"] == metrics["kept_epoch"]
+
+
 def _data_folder(variable: str, marker: str) -> Path:
     value = os.environ.get(variable, "")
     if not value:

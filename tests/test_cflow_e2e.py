@@ -18,6 +18,8 @@ import pytest
 
 import predict
 from config import make_config
+from conftest import kept_the_best_measurement, not_below_baseline
+from datasets import load_tasks
 from main import results_folder, run
 from report import read_scores_csv
 
@@ -35,16 +37,20 @@ def test_bottle_trains_scores_localises_and_rescores_from_its_checkpoint(tmp_pat
                          results_dir=str(tmp_path / "results"))
     payload = run(config)
     metrics = payload["per_class"]["bottle"]
-    assert metrics["image_auroc"] >= 0.97  # measured 0.994
-    assert metrics["pixel_auroc"] >= 0.95  # measured 0.968
-    assert 0.5 < metrics["aupro"] <= 1.0 and 0.5 < metrics["image_f1"] <= 1.0
+    gaussian = run(dataclasses.replace(config, method="gaussian"))["per_class"]["bottle"]  # same images and size
+    labels = load_tasks(config)[0].test_labels
+    assert not_below_baseline(metrics["image_auroc"], gaussian["image_auroc"], labels), (metrics, gaussian)
+    # the paper's bottle pixel AUROC is 0.988 (WideResNet-50 at 256 px, 200 epochs); a quarter of the
+    # resolution and 3 epochs of a smaller backbone may lose a few hundredths, not more
+    assert metrics["pixel_auroc"] >= 0.95
+    assert metrics["aupro"] > 0.5 and metrics["image_f1"] > 0.5
     assert (metrics["n_fit"], metrics["n_held_out"], metrics["n_test"]) == (188, 21, 83)  # 209 training images
     assert metrics["train_fibers_per_epoch"] == 188 * (16 * 16 + 8 * 8 + 4 * 4)
-    assert metrics["train_fibers_per_second"] > 0 and 0 <= metrics["kept_epoch"] <= 3
+    assert metrics["train_fibers_per_second"] > 0 and kept_the_best_measurement(metrics)
     per_type = metrics["per_defect_type"]  # bottle's three defect folders, each against the 20 good images
     assert set(per_type) == {"broken_large", "broken_small", "contamination"}
     assert sum(entry["images"] for entry in per_type.values()) == 63
-    assert all(0.5 < entry["image_auroc"] <= 1.0 and 0.5 < entry["pixel_auroc"] <= 1.0 for entry in per_type.values())
+    assert all(entry["image_auroc"] > 0.5 and entry["pixel_auroc"] > 0.5 for entry in per_type.values())
 
     folder = results_folder(config)
     assert folder.name.startswith("mvtec-") and folder.name.endswith("-tf_efficientnet_lite0-cflow")
@@ -82,6 +88,6 @@ def test_features_on_the_fly_with_the_official_test_set_normalisation(tmp_path):
     payload = run(config)
     metrics = payload["per_class"]["bottle"]
     assert payload["map_normalization"] == "test"
-    assert metrics["image_auroc"] >= 0.85  # measured 0.957
+    assert metrics["image_auroc"] >= 0.85  # 1 epoch on 22 images: well above chance (0.5), not the full result
     assert metrics["train_fibers_per_epoch"] == (24 - 2) * (16 * 16 + 8 * 8 + 4 * 4)  # 2 of 24 held out
     assert not (tmp_path / "cache").exists()

@@ -77,7 +77,7 @@ def test_texture_tokens_are_the_stride_16_stage_pooled_not_the_last_stage(demo_e
     assert torch.allclose(both["patches"][..., 40:], features["patches"], atol=1e-3, rtol=2e-3)
 
 
-def test_cache_round_trip_is_float16_and_shared(tmp_path, demo_extractor):
+def test_cache_round_trip_is_float16_and_shared(tmp_path, demo_extractor, monkeypatch):
     config = make_config("demo", cache_dir=str(tmp_path), **SMALL)
     task = load_tasks(config)[0]
     train, test = task_features(demo_extractor, task, config)
@@ -89,8 +89,19 @@ def test_cache_round_trip_is_float16_and_shared(tmp_path, demo_extractor):
         assert np.allclose(test[name][:3].astype(np.float32), fresh[name].numpy(), atol=1e-3, rtol=2e-3)
     files = sorted(p.name for p in cache_folder(config).iterdir())
     assert not [f for f in files if "partial" in f or "progress" in f]
+    calls = []
+    original = type(demo_extractor).forward
+    monkeypatch.setattr(type(demo_extractor), "forward", lambda self, images: calls.append(1) or original(self, images))
     again, _ = task_features(demo_extractor, task, config)  # read back, not re-extracted
-    assert np.array_equal(np.asarray(again["sem"]), np.asarray(train["sem"]))
+    assert np.array_equal(np.asarray(again["sem"]), np.asarray(train["sem"])) and calls == []
+
+
+def test_pixels_are_normalised_with_lite0s_mean_and_std_of_one_half(demo_extractor):
+    """tf_efficientnet_lite0 was trained on (x / 255 - 0.5) / 0.5: black is -1, white +1, mid-gray 0.0039."""
+    images = torch.stack([torch.full((3, 4, 4), value, dtype=torch.uint8) for value in (0, 255, 128)])
+    pixels = demo_extractor.normalise(images)
+    expected = torch.tensor([-1.0, 1.0, 128 / 127.5 - 1]).view(3, 1, 1, 1).expand(3, 3, 4, 4)
+    torch.testing.assert_close(pixels, expected, rtol=0, atol=1e-6)
 
 
 def test_interrupted_extraction_resumes_and_is_never_read_as_complete(tmp_path, demo_extractor, monkeypatch):

@@ -19,7 +19,7 @@ from PIL import Image
 
 import predict
 from config import make_config
-from datasets import DataError
+from datasets import DataError, held_out_split, load_tasks
 from main import results_folder, run
 from model import DetectorError, load_detector
 from report import read_scores_csv
@@ -65,6 +65,11 @@ def test_predict_gives_the_scores_of_the_evaluation(method, tmp_path):
     assert set(predicted) == set(evaluated) and len(predicted) == 30
     assert max(abs(predicted[path] - evaluated[path]) for path in predicted) <= 1e-5
     threshold = json.loads((folder / "results.json").read_text())["per_class"]["digits"]["threshold"]
+    # the threshold is the 0.99 quantile of the held-out training images' scores, scored here from their files
+    task = load_tasks(config)[0]
+    held_out = held_out_split(len(task.train), config.val_fraction, config.seed)[1]
+    held_out_scores = load_detector(checkpoint).predict([task.train.source(i) for i in held_out]).scores
+    assert threshold == pytest.approx(np.quantile(held_out_scores, 1 - config.threshold_fpr), abs=1e-5)
     for row in csv.DictReader(open(out / "predictions.csv")):
         assert int(row["anomalous"]) == int(float(row["score"]) > threshold)
     assert not (out / "maps").exists()  # image-level methods have no maps
