@@ -262,8 +262,12 @@ def select_scoring(normal_maps: dict[str, Tensor], defect_maps: dict[str, Tensor
             if (rule.merge, rule.stages) == (merge, subset):
                 auroc[rule] = float(roc_auc_score(labels, image_scores(maps, rule.image_score).numpy()))
     rows = [{"rule": str(rule), "image_auroc": auroc[rule]} for rule in candidates]
-    default = rows[0]["image_auroc"]
-    margin = auroc_standard_error(default, n_defect, n_normal)
-    best = max(range(len(rows)), key=lambda i: (rows[i]["image_auroc"], -i))
-    chosen = best if rows[best]["image_auroc"] > default + margin else 0
-    return candidates[chosen], rows
+    return candidates[chosen_index([row["image_auroc"] for row in rows], n_defect, n_normal)], rows
+
+
+def chosen_index(aurocs: Sequence[float], n_defect: int, n_normal: int) -> int:
+    """0 (the default) unless the best AUROC beats ``aurocs[0]`` by more than its standard error; then the
+    first of the best."""
+    margin = auroc_standard_error(aurocs[0], n_defect, n_normal)
+    best = max(range(len(aurocs)), key=lambda i: (aurocs[i], -i))
+    return best if aurocs[best] > aurocs[0] + margin else 0

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from anomaly_map import AnomalyMapGenerator, ScoringRule, stage_statistics
+from anomaly_map import AnomalyMapGenerator, ScoringRule, auroc_standard_error, chosen_index, stage_statistics
 from config import Config, make_config
 from conftest import untimed_curve
-from model import CFlowDetector, CFlowModel, StageFeatures, build_cflow_decoder, positional_encoding_2d
+from model import (CFlowDetector, CFlowModel, StageFeatures, anomaly_maps, build_cflow_decoder,
+                   positional_encoding_2d)
 from report import cflow_table, figure_indices
 from train import TrainingError, cflow_loss, shuffled_fiber_chunks, stage_loss_function, train_cflow
 
@@ -460,3 +461,52 @@ def test_table_has_metrics_as_rows_and_the_average_first():
     assert lines[2] == "| Metric | Average | bottle | cable |"
     assert lines[4] == "| Image AUROC | **0.950** | 1.000 | 0.900 |"
     assert lines[5].startswith("| Pixel AUROC | **0.970** |")
+
+
+def test_auroc_standard_error_at_chance_is_the_mann_whitney_null_variance():
+    """At AUROC 0.5 Hanley and McNeil's variance reduces to (m + n + 1) / (12 m n), the variance of the
+    Mann-Whitney statistic under the null."""
+    for positives, negatives in ((225, 75), (63, 21), (5, 9)):
+        expected = ((positives + negatives + 1) / (12 * positives * negatives)) ** 0.5
+        assert auroc_standard_error(0.5, positives, negatives) == pytest.approx(expected, rel=1e-12)
+
+
+def test_the_default_rule_is_left_only_for_one_better_by_more_than_its_standard_error():
+    margin = auroc_standard_error(0.80, 225, 75)  # about 0.03
+    assert chosen_index([0.80, 0.80 + 0.9 * margin, 0.75], 225, 75) == 0
+    assert chosen_index([0.80, 0.80 + 1.1 * margin, 0.80 + 1.5 * margin, 0.80 + 1.5 * margin], 225, 75) == 2
+    assert chosen_index([0.80, 0.70], 225, 75) == 0
+
+
+def test_anomaly_maps_normalise_the_whole_set_per_batch_or_by_training_statistics_as_by_hand():
+    """Stage maps already at the image size (the upsampling is the identity): the paper's maps by hand for
+    map_norm test (one maximum over the whole set, whatever test_batch_size), batch (a maximum per group)
+    and train (the training maximum); a z/max rule scores the z merge by hand and leaves the maps alone."""
+    generator = torch.Generator().manual_seed(3)
+    stage_maps = {"a": torch.randn(7, 4, 4, generator=generator, dtype=torch.float64),
+                  "b": torch.randn(7, 4, 4, generator=generator, dtype=torch.float64) - 1}
+    statistics = {"a": {"max": 2.5, "mean": 0.1, "std": 0.9}, "b": {"max": 1.5, "mean": -1.0, "std": 1.2}}
+
+    def by_hand(maps: dict, reference: dict) -> np.ndarray:  # the sum over stages of exp(log p - reference)
+        return sum(np.exp(maps[stage].numpy() - reference[stage]) for stage in maps)
+
+    whole = by_hand(stage_maps, {stage: maps.max().item() for stage, maps in stage_maps.items()})
+    expected_test = whole.max() - whole
+    for batch_size in (2, 3, 100):
+        scores, maps = anomaly_maps(stage_maps, small_config(img_size=4, map_norm="test", test_batch_size=batch_size),
+                                    statistics, ScoringRule())
+        np.testing.assert_allclose(maps, expected_test, rtol=1e-6)
+        np.testing.assert_allclose(scores, expected_test.reshape(7, -1).max(axis=1), rtol=1e-12)
+    scores, maps = anomaly_maps(stage_maps, small_config(img_size=4, map_norm="batch", test_batch_size=3), statistics,
+                                ScoringRule())
+    for start in (0, 3, 6):
+        group = {stage: values[start:start + 3] for stage, values in stage_maps.items()}
+        summed = by_hand(group, {stage: values.max().item() for stage, values in group.items()})
+        np.testing.assert_allclose(maps[start:start + 3], summed.max() - summed, rtol=1e-6)
+    train = 2 - by_hand(stage_maps, {stage: values["max"] for stage, values in statistics.items()})
+    z_map = sum((statistics[stage]["mean"] - stage_maps[stage].numpy()) / statistics[stage]["std"]
+                for stage in stage_maps) / 2
+    scores, maps = anomaly_maps(stage_maps, small_config(img_size=4, map_norm="train"), statistics,
+                                ScoringRule.parse("z/max"))
+    np.testing.assert_allclose(maps, train, rtol=1e-6)
+    np.testing.assert_allclose(scores, z_map.reshape(7, -1).max(axis=1), rtol=1e-12)

@@ -310,3 +310,25 @@ def test_float_image_is_refused_naming_the_fix(tmp_path):
     position = task.train.ids.index("train/good/000.tif")
     with pytest.raises(DataError, match=r"000\.tif holds 32-bit floats .* save it as an 8- or 16-bit image"):
         task.train.load(position)
+
+
+def test_cats_vs_dogs_folders_split_each_class_80_20_disjoint_and_repeatably(tmp_path):
+    """Kaggle PetImages layout (Cat/, Dog/): per class, round(20%) of the files are test images, the rest
+    training images; together they are every file once; a second read gives the same split."""
+    for name, count in (("Cat", 10), ("Dog", 7)):
+        for index in range(count):
+            write_image(tmp_path / "pets" / name / f"{index}.jpg", value=index)
+    config = make_config("demo", dataset="catsvsdogs", data_root=str(tmp_path / "pets"))
+    tasks = load_tasks(config)
+    assert [task.name for task in tasks] == ["Cat", "Dog"]
+    cat = tasks[0]
+    train_files = list(cat.train.ids)
+    test_files = list(cat.test.ids)
+    assert len(train_files) == 8 and all(i.startswith("Cat/") for i in train_files)  # 10 - round(2.0)
+    assert sorted(i for i in test_files if i.startswith("Cat/")) == sorted(
+        f"Cat/{n}.jpg" for n in range(10) if f"Cat/{n}.jpg" not in train_files)
+    assert sum(i.startswith("Dog/") for i in test_files) == 1  # round(1.4)
+    assert len(tasks[1].train) == 6 and set(tasks[1].train.ids).isdisjoint(test_files)
+    assert cat.test_labels.tolist() == [0 if i.startswith("Cat/") else 1 for i in test_files]
+    again = load_tasks(config)
+    assert again[0].train.ids == cat.train.ids and again[0].test.ids == cat.test.ids
