@@ -168,7 +168,9 @@ class Config:
                          "compiler; about 10 s of compilation per stage in the first epoch): fewer, fused "
                          "kernels per Adam step, which matters at small fiber batches; same numbers up to rounding")
     results_dir: str = _opt("run", "results", "results folder")
-    eval_only: bool = _opt("run", False, "main.py: rescore from the saved checkpoints without training")
+    eval_only: bool = _opt("run", False, "main.py: rescore the saved checkpoints without training, into "
+                           "<run folder>/eval_only/ (the run's own results stay); the checkpoints' settings are "
+                           "required")
 
     def class_list(self) -> list[str] | None:
         """The requested normal classes, or None for all of the dataset's classes."""
@@ -382,6 +384,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> Config
     pre.add_argument("--preset", choices=PRESETS)
     pre.add_argument("--method", choices=METHODS)
     pre.add_argument("--config")
+    pre.add_argument("--img_size")
     known, _ = pre.parse_known_args(argv)
     preset = known.preset or "demo"
     top = _read_config_file(known.config) if known.config else {}
@@ -391,8 +394,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> Config
     del args["preset"], args["config"]
     config = _build(args)
     demo = PRESETS["demo"]
-    if known.preset is None and not known.config and config.dataset != demo["dataset"] \
-            and config.img_size == demo["img_size"]:
+    if known.preset is None and not known.config and known.img_size is None and config.dataset != demo["dataset"]:
         print(f"note: without --preset the data and feature fields not given are the demo preset's, so {config.dataset} "
               f"images are resized to {config.img_size} px for {config.backbone}; pass --img_size (256 for defect "
               "images, as --preset cflow_lite0) or a --preset")

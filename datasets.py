@@ -104,6 +104,8 @@ def picture_of(item: Any, name: str) -> Image.Image:
     import torch
 
     if isinstance(item, (str, os.PathLike)):
+        if Path(item).is_dir():
+            raise DataError(f"{name}: {item} is a folder; pass its files (datasets.list_image_files lists them)")
         if not Path(item).is_file():
             raise DataError(f"{name}: no image file {item}")
         return FileLoader([str(item)])(0)
@@ -405,7 +407,10 @@ def _defect_task(name: str, root: Path, masks_required: bool, key_prefix: str) -
     """``root/train/good``, ``root/test/<defect>``, optional ``root/ground_truth/<defect>/<stem>_mask.png``."""
     train_folder = root / "train" / "good"
     if not train_folder.is_dir():
-        raise DataError(f"missing folder {train_folder}: expected {root}/train/good/ and {root}/test/<label>/")
+        categories = defect_categories(root)
+        hint = (f"; {root} holds categories ({', '.join(categories[:5])}{' ...' if len(categories) > 5 else ''}): "
+                "use --dataset mvtec (--classes picks them), or point --data_root at one of them") if categories else ""
+        raise DataError(f"missing folder {train_folder}: expected {root}/train/good/ and {root}/test/<label>/{hint}")
     if not (root / "test").is_dir():
         raise DataError(f"missing folder {root / 'test'}: expected {root}/test/good/ and {root}/test/<defect>/")
     train_paths = [str(p) for p in _list_images(train_folder)]
@@ -435,8 +440,12 @@ def _defect_task(name: str, root: Path, masks_required: bool, key_prefix: str) -
                         "test images in test/good/ and test/<defect>/")
     if missing_masks and (masks_required or has_ground_truth):
         shown = ", ".join(missing_masks[:5]) + (" ..." if len(missing_masks) > 5 else "")
+        first = root / "ground_truth" / Path(missing_masks[0]).parent.name
+        present = sorted(p.name for p in first.iterdir())[:3] if first.is_dir() else []
+        found = f"; {os.path.relpath(first, root)}/ holds {', '.join(present)}" if present else ""
         raise DataError(f"{len(missing_masks)} defective test image(s) of '{name}' have no mask "
-                        f"ground_truth/<defect>/<name>_mask.png: {shown}")
+                        f"ground_truth/<defect>/<name>_mask.png: {shown}{found} (a mask is named after its image, "
+                        "e.g. 000.png -> 000_mask.png; without ground_truth/ the pixel metrics are left out)")
     for image_path, mask_path in zip(test_paths, masks):
         if mask_path is not None:
             _check_mask_size(mask_path, image_path)

@@ -95,8 +95,11 @@ def _read_state_dict(path: str) -> dict[str, Tensor]:
                            "'default' or 'none'")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for foreign or corrupt files
-        raise WeightsError(f"cannot read weights file {path}: {error}") from None
+    except Exception as error:  # torch raises many types for foreign or corrupt files; its text may advise
+        # weights_only=False, which would run the file's code: not repeated here
+        raise WeightsError(f"cannot read weights file {path} with torch.load(weights_only=True) "
+                           f"({type(error).__name__}): not a state dict saved by torch.save; pass the backbone's "
+                           "state-dict file") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -11,7 +11,8 @@ test set. Writes, under ``results_dir/<dataset identity>-<backbone>-<method>[-<f
 - ``results.md``: the table in the paper's layout;
 - ``scores.csv``: ``task,path,label,score`` of every test image;
 - ``checkpoints/<task>.pt``: the detector (``predict.py`` scores new images with it; ``--eval_only``
-  rescores from it and refuses settings it was not trained with);
+  rescores from it into ``eval_only/`` beside it, with the same files, and refuses settings it was
+  not trained with);
 - ``config.json``: the resolved settings (what ``--help`` would show as defaults for this run);
 - ``figures/``: score histograms, held-out curves, and for CFLOW test images with their maps;
   ``maps/<task>/`` with ``--save_maps``.
@@ -22,6 +23,7 @@ the bundled digits).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -139,9 +141,10 @@ def write_maps(folder: Path, task: Task, maps: np.ndarray) -> None:
         np.save(path, anomaly_map.astype(np.float16))
 
 
-def run_task(config: Config, task: Task, extractor: FeatureExtractor, folder: Path,
+def run_task(config: Config, task: Task, extractor: FeatureExtractor, folder: Path, out: Path,
              shared_test: dict[str, dict[str, Tensor]]) -> tuple[dict[str, Any], np.ndarray]:
-    """Fit (or load) one task's detector, score its test split, write its figures; returns metrics and scores."""
+    """Fit (or load) one task's detector (``folder/checkpoints``), score its test split, write its figures
+    (under ``out``); returns metrics and scores."""
     started = time.perf_counter()
     fit_index, held_index = held_out_split(len(task.train), config.val_fraction, config.seed)
     if config.method == "cflow":
@@ -159,7 +162,7 @@ def run_task(config: Config, task: Task, extractor: FeatureExtractor, folder: Pa
                "test_flagged_fraction": float(detector.flagged(scores).mean()),
                "feature_seconds": feature_seconds, "score_seconds": score_seconds,
                "n_fit": len(fit_index), "n_held_out": len(held_index), "n_test": len(task.test)}
-    _write_figures(config, task, detector, scores, maps, masks, metrics, folder)
+    _write_figures(config, task, detector, scores, maps, masks, metrics, out)
     print(_task_line(task.name, metrics))
     return metrics, scores
 
@@ -189,6 +192,20 @@ def _task_line(name: str, metrics: dict[str, Any]) -> str:
     return f"{name}: " + ", ".join(p for p in parts if p) + (f" ({metrics['note']})" if "note" in metrics else "")
 
 
+def note_replaced_run(folder: Path, config: Config) -> None:
+    """A note when this run replaces the results and checkpoints of one made with other settings."""
+    try:
+        earlier = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    ignored = {"eval_only", "device", "threads", "results_dir", "cache_dir", "refresh_cache", "num_workers"}
+    changed = [f"{name} {earlier[name]!r} -> {value!r}" for name, value in config.to_dict().items()
+               if name not in ignored and name in earlier and earlier[name] != value]
+    if changed:
+        print(f"note: replacing the results and checkpoints in {folder}, made with other settings "
+              f"({'; '.join(changed)}); pass --results_dir to keep both")
+
+
 def run(config: Config) -> dict[str, Any]:
     """The whole job, every task in turn; returns the results.json payload (rewritten after each task)."""
     started = time.perf_counter()
@@ -196,6 +213,9 @@ def run(config: Config) -> dict[str, Any]:
     tasks = load_tasks(config)
     extractor = FeatureExtractor(config)
     folder = results_folder(config)
+    out = folder / "eval_only" if config.eval_only else folder  # a rescoring never overwrites the run it scores
+    if not config.eval_only:
+        note_replaced_run(folder, config)
     notes = {"held_out": f"{config.val_fraction:g} of each task's normal training images (seed {config.seed}) are held "
                          "out of the fit for every method; they pick the kept epoch and set the threshold"
              if config.val_fraction > 0 else "val_fraction 0: every normal training image is fitted; the last epoch is "
@@ -208,19 +228,19 @@ def run(config: Config) -> dict[str, Any]:
     shared_test: dict[str, dict[str, Tensor]] = {}
     for task in tasks:
         step = time.perf_counter()
-        metrics, scores = run_task(config, task, extractor, folder, shared_test)
+        metrics, scores = run_task(config, task, extractor, folder, out, shared_test)
         per_class[task.name] = metrics
         score_rows += [(task.name, task.test.source(i), int(task.test_labels[i]), float(scores[i]))
                        for i in range(len(task.test))]
         wall["features"] += metrics["feature_seconds"]
         wall["methods"] += time.perf_counter() - step - metrics["feature_seconds"]
         wall["total"] = time.perf_counter() - started
-        write_scores_csv(folder / "scores.csv", score_rows)
-        write_results(config, folder, per_class, wall, complete=False, notes=notes)
-    payload = write_results(config, folder, per_class, wall, complete=True, notes=notes)
-    atomic_write_bytes(folder / "config.json", describe(config).encode())
-    print((folder / "results.md").read_text())
-    print(f"results: {folder} (total {wall['total']:.1f} s)")
+        write_scores_csv(out / "scores.csv", score_rows)
+        write_results(config, out, per_class, wall, complete=False, notes=notes)
+    payload = write_results(config, out, per_class, wall, complete=True, notes=notes)
+    atomic_write_bytes(out / "config.json", describe(config).encode())
+    print((out / "results.md").read_text())
+    print(f"results: {out} (total {wall['total']:.1f} s)")
     return payload
 
 

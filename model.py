@@ -559,6 +559,13 @@ class Detector:
                  "fit images themselves (val_fraction 0: optimistic, expect more false alarms)")
         self.threshold_rule = (f"{quantile:g} quantile of the scores of {len(scores)} {which}: target false-positive "
                                f"rate {self.config.threshold_fpr:g}")
+        if len(scores) * self.config.threshold_fpr < 1:
+            few = (f"{len(scores)} images cannot show a false-positive rate of {self.config.threshold_fpr:g}: the "
+                   "threshold is about their highest score, so expect more false alarms on new normal images (hold "
+                   "out more with --val_fraction, or add normal training images)")
+            self.threshold_rule += f"; {few}"
+            if len(scores) < 5:  # printed where it is glaring; results.json's threshold_rule always says it
+                print(f"note: '{name}': {few}")
         if self.method == "cflow" and self.config.map_norm != "train":
             self.threshold_rule += (f"; with map_norm {self.config.map_norm} a score depends on the images scored with "
                                     "it, so the threshold is indicative only (map_norm train makes it exact)")
@@ -948,7 +955,8 @@ def load_detector(path: Path | str, config: Config | None = None, extractor: Fea
         differences = settings_differences(trained, config, also)
         if differences:
             raise DetectorError(f"checkpoint {path} was trained with other settings: {'; '.join(differences)}; "
-                                "drop those flags (or pass --config with the run's results.json) or retrain")
+                                "pass the checkpoint's values (--config with the run's results.json does) or "
+                                "retrain")
     else:
         config = dataclasses.replace(trained, **run_settings)
     if extractor is not None and not same_weights(saved["weights_source"], extractor.weights_source):

@@ -119,9 +119,10 @@ def main(argv: list[str] | None = None) -> None:
     check_device(args.device)
     detector = load_detector(args.checkpoint, **run_settings)
     configure_torch(detector.config)
+    backbone = detector.extractor  # built, and its weights checked, before any image is read
     images = [str(p) for p in list_image_files(args.images)]
-    print(f"{detector.method} detector {args.checkpoint}: {len(images)} images; threshold {detector.threshold:.6g} "
-          f"({detector.threshold_rule})")
+    print(f"{detector.method} detector {args.checkpoint} on {detector.config.backbone} ({backbone.weights_source}): "
+          f"{len(images)} images; threshold {detector.threshold:.6g} ({detector.threshold_rule})")
     figures = predict(detector, images, Path(args.out), args.batch_size, args.overlays)
     print(f"{figures['flagged']} of {figures['images']} images above the threshold; {figures['images_per_second']:.1f} images/s; "
           f"{Path(args.out) / 'predictions.csv'}")

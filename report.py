@@ -163,10 +163,11 @@ def write_results(config: Config, folder: Path, per_class: dict[str, dict[str, A
     payload = {"per_class": per_class, "mean": mean, "config": config.to_dict(), "wall_seconds": wall,
                "selection": selection_note(config), "complete": complete, **(notes or {})}
     atomic_write_json(folder / "results.json", payload)
-    noun = ("category", "categories") if config.method == "cflow" else ("class", "classes")
+    noun = ("category", "categories") if config.dataset in ("mvtec", "folder") else ("class", "classes")
+    localised = any("pixel_auroc" in metrics for metrics in per_class.values())
     settings = (f"{config.dataset}, {config.backbone} ({config.img_size} px), "
                 f"{len(per_class)} {noun[len(per_class) != 1]}; "
-                f"image AUROC{'' if config.method != 'cflow' else ' and localisation metrics'}; {selection_note(config)}.")
+                f"image AUROC{' and localisation metrics' if localised else ''}; {selection_note(config)}.")
     table = cflow_table if config.method == "cflow" else one_class_table
     markdown = f"{table(config, per_class, mean)}\n\n{settings}\n"
     atomic_write_bytes(folder / "results.md", markdown.encode())

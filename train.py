@@ -121,6 +121,7 @@ def keep_best_epoch(module: nn.Module, epochs: int, run_epoch: Callable[[int], I
                     since_best = 0
                 progress.set_postfix(loss=f"{loss:.4f}", held_out=f"{nll:.4f}", kept=best_epoch)
                 if patience and since_best >= patience:
+                    progress.set_description(f"{desc}: stopped at {position}, held-out NLL not lower in {since_best}")
                     break
             started = time.perf_counter()
     if best_state is not None:

@@ -510,3 +510,14 @@ def test_anomaly_maps_normalise_the_whole_set_per_batch_or_by_training_statistic
                                 ScoringRule.parse("z/max"))
     np.testing.assert_allclose(maps, train, rtol=1e-6)
     np.testing.assert_allclose(scores, z_map.reshape(7, -1).max(axis=1), rtol=1e-12)
+
+
+def test_results_mention_localisation_and_categories_only_where_they_exist(tmp_path):
+    from report import write_results
+
+    write_results(small_config(dataset="digits"), tmp_path, {"0": {"image_auroc": 0.9}}, {}, complete=True)
+    text = (tmp_path / "results.md").read_text()
+    assert "digits, tf_efficientnet_lite0 (16 px), 1 class; image AUROC; no epoch" in text
+    write_results(small_config(dataset="folder"), tmp_path, {"a": {"image_auroc": 0.9, "pixel_auroc": 0.8}}, {},
+                  complete=True)
+    assert "1 category; image AUROC and localisation metrics;" in (tmp_path / "results.md").read_text()

@@ -183,6 +183,7 @@ def test_a_dataset_without_preset_or_size_is_told_it_gets_the_demo_size(capsys):
     config = parse_args(["--method", "cflow", "--dataset", "folder", "--data_root", "parts"])
     assert config.img_size == 64 and "resized to 64 px" in capsys.readouterr().out
     for argv in (["--method", "cflow", "--dataset", "folder", "--img_size", "256"],
+                 ["--method", "cflow", "--dataset", "folder", "--img_size=64"],
                  ["--preset", "cflow_lite0", "--dataset", "folder"], [], ["--preset", "demo", "--dataset", "mvtec"]):
         parse_args(argv)
         assert "note" not in capsys.readouterr().out, argv

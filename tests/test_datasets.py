@@ -103,6 +103,16 @@ def test_defective_image_without_mask_is_named(tmp_path):
     (root / "ground_truth").mkdir()
     with pytest.raises(DataError, match="007.png"):
         load_tasks(make_config("demo", dataset="mvtec", data_root=str(tmp_path), classes="bottle"))
+    write_image(root / "ground_truth" / "crack" / "007.png", value=255, mode="L")  # named like the image
+    with pytest.raises(DataError, match=r"ground_truth/crack/ holds 007\.png \(a mask is named after its image, "
+                                        r"e\.g\. 000\.png -> 000_mask\.png"):
+        load_tasks(make_config("demo", dataset="mvtec", data_root=str(tmp_path), classes="bottle"))
+
+
+def test_an_mvtec_root_given_as_a_folder_dataset_is_told_to_use_mvtec(tmp_path):
+    write_category(tmp_path / "bottle")
+    with pytest.raises(DataError, match=r"holds categories \(bottle\): use --dataset mvtec"):
+        load_tasks(make_config("demo", dataset="folder", data_root=str(tmp_path)))
 
 
 @pytest.mark.parametrize("overrides, message", [

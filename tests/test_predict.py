@@ -104,6 +104,8 @@ def test_detector_predict_scores_paths_pictures_arrays_and_tensors_alike(method,
         detector.predict(tensors.float())
     with pytest.raises(DataError, match="no image file"):
         detector.predict(str(tmp_path / "missing.png"))
+    with pytest.raises(DataError, match="is a folder; pass its files"):
+        detector.predict(data / "test")
 
 
 def test_a_test_split_with_normal_images_only_still_writes_scores(tmp_path):
@@ -144,7 +146,13 @@ def test_checkpoints_refuse_other_settings_and_foreign_files(tmp_path):
     with pytest.raises(DetectorError, match=r"lr \(checkpoint 5e-05, asked 0.001\); val_fraction \(checkpoint 0.1, "
                                             r"asked 0.2\)"):
         run(folder_config(data, tmp_path, "sanf", eval_only=True, lr=1e-3, val_fraction=0.2))
-    assert run(folder_config(data, tmp_path, "sanf", eval_only=True))["per_class"]["digits"]["n_held_out"] == 6
+    folder = results_folder(config)
+    before = (folder / "scores.csv").read_bytes()
+    rescored = run(folder_config(data, tmp_path, "sanf", eval_only=True, max_test=10))
+    assert rescored["per_class"]["digits"]["n_held_out"] == 6 and rescored["per_class"]["digits"]["n_test"] == 10
+    assert (folder / "scores.csv").read_bytes() == before  # the run it rescored is left as it was
+    assert len((folder / "eval_only" / "scores.csv").read_text().splitlines()) == 11
+    assert json.loads((folder / "results.json").read_text())["config"]["eval_only"] is False
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
     corrupt = tmp_path / "corrupt.pt"
@@ -204,3 +212,17 @@ def test_predict_on_cuda_without_a_gpu_says_so_before_reading_the_checkpoint(tmp
                              "--images", str(tmp_path), "--out", str(tmp_path / "out"), "--device", "cuda"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "torch sees no CUDA device; use --device cpu" in result.stderr
+
+
+def test_a_run_with_other_settings_says_it_replaces_the_earlier_one_and_few_held_out_images_are_named(
+        tmp_path, capsys):
+    data = digits_folder(tmp_path / "digits", n_train=30, n_test=5)
+    run(folder_config(data, tmp_path, "gaussian"))
+    threshold_rule = json.loads((results_folder(folder_config(data, tmp_path, "gaussian")) / "results.json")
+                                .read_text())["per_class"]["digits"]["threshold_rule"]
+    assert "3 held-out normal training images" in threshold_rule and "cannot show a false-positive rate" in threshold_rule
+    assert "note: 'digits': 3 images cannot show" in capsys.readouterr().out
+    run(folder_config(data, tmp_path, "gaussian", gaussian_shrinkage=0.5))
+    assert "note: replacing the results and checkpoints" in capsys.readouterr().out
+    run(folder_config(data, tmp_path, "gaussian", gaussian_shrinkage=0.5))
+    assert "replacing" not in capsys.readouterr().out

@@ -321,3 +321,13 @@ def test_notes_of_a_run_without_held_out_images_say_where_epoch_and_threshold_ca
     assert "the fit images' own scores" in payload["selection"] and "held-out" not in payload["selection"]
     assert "fit images themselves" in payload["per_class"]["0"]["threshold_rule"]
     assert "the fit images' own scores" in (main.results_folder(config) / "results.md").read_text()
+
+
+def test_a_weights_file_torch_will_not_load_safely_is_named_without_unsafe_advice(tmp_path):
+    from extractor import _read_state_dict
+
+    path = tmp_path / "weights.pth"
+    torch.save({"conv.weight": np.zeros(3)}, path)  # a numpy array: refused by torch.load(weights_only=True)
+    with pytest.raises(WeightsError, match="not a state dict saved by torch.save") as caught:
+        _read_state_dict(str(path))
+    assert "weights_only set to False" not in str(caught.value)
