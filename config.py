@@ -395,9 +395,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> Config
     config = _build(args)
     demo = PRESETS["demo"]
     if known.preset is None and not known.config and known.img_size is None and config.dataset != demo["dataset"]:
-        print(f"note: without --preset the data and feature fields not given are the demo preset's, so {config.dataset} "
-              f"images are resized to {config.img_size} px for {config.backbone}; pass --img_size (256 for defect "
-              "images, as --preset cflow_lite0) or a --preset")
+        print(f"note: without --preset the data and feature fields not given are the demo preset's, so "
+              f"{config.dataset} images are resized to {config.img_size} px for {config.backbone}; pass --img_size "
+              "(256 for defect images, as --preset cflow_lite0) or a --preset")
     return config
 
 

@@ -354,8 +354,8 @@ class SANFModel(nn.Module):
         self.n_tokens = n_tokens
         self.texture_dim = texture_dim or dim
         if context == "half" and self.texture_dim != dim:
-            raise ConfigError(f"--caff_context half splits the texture tokens like the semantic token, so they need its "
-                              f"{dim} channels; these have {self.texture_dim} (a CNN's intermediate stage): use "
+            raise ConfigError(f"--caff_context half splits the texture tokens like the semantic token, so they need "
+                              f"its {dim} channels; these have {self.texture_dim} (a CNN's intermediate stage): use "
                               "--caff_context full, or --texture_layers last")
         self.context = context
         self.register_buffer("mean", torch.zeros(dim))

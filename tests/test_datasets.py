@@ -315,7 +315,8 @@ def test_rewriting_an_image_under_its_name_changes_the_fingerprint(tmp_path):
 
 def test_float_image_is_refused_naming_the_fix(tmp_path):
     write_category(tmp_path / "parts", masks=False)
-    Image.fromarray(np.full((16, 16), 0.5, dtype=np.float32), "F").save(tmp_path / "parts" / "train" / "good" / "000.tif")
+    float_image = Image.fromarray(np.full((16, 16), 0.5, dtype=np.float32), "F")
+    float_image.save(tmp_path / "parts" / "train" / "good" / "000.tif")
     task = load_tasks(make_config("demo", dataset="folder", data_root=str(tmp_path / "parts")))[0]
     position = task.train.ids.index("train/good/000.tif")
     with pytest.raises(DataError, match=r"000\.tif holds 32-bit floats .* save it as an 8- or 16-bit image"):

@@ -220,7 +220,8 @@ def test_a_run_with_other_settings_says_it_replaces_the_earlier_one_and_few_held
     run(folder_config(data, tmp_path, "gaussian"))
     threshold_rule = json.loads((results_folder(folder_config(data, tmp_path, "gaussian")) / "results.json")
                                 .read_text())["per_class"]["digits"]["threshold_rule"]
-    assert "3 held-out normal training images" in threshold_rule and "cannot show a false-positive rate" in threshold_rule
+    assert "3 held-out normal training images" in threshold_rule
+    assert "cannot show a false-positive rate" in threshold_rule
     assert "note: 'digits': 3 images cannot show" in capsys.readouterr().out
     run(folder_config(data, tmp_path, "gaussian", gaussian_shrinkage=0.5))
     assert "note: replacing the results and checkpoints" in capsys.readouterr().out
