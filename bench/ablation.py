@@ -92,19 +92,26 @@ def main() -> None:
         for name, settings in chosen.items():
             runs = [mean_auroc({**settings, **overrides}, seed, args.cache_dir) for seed in seeds]
             aurocs = [auroc for auroc, _ in runs]
-            table[variant][name] = (float(np.mean(aurocs)), float(np.std(aurocs)), float(np.mean([s for _, s in runs])))
+            spread = float(np.std(aurocs, ddof=1)) if len(aurocs) > 1 else 0.0  # sample std; 0 for one seed
+            table[variant][name] = (float(np.mean(aurocs)), spread, float(np.mean([s for _, s in runs])))
             print(f"{variant} / {name}: {table[variant][name][0]:.4f} ± {table[variant][name][1]:.4f}", flush=True)
     header = "| method | " + " | ".join(chosen) + " |"
     lines = [header, "|---" * (len(chosen) + 1) + "|"]
     for variant, cells in table.items():
         lines.append(f"| {variant} | " + " | ".join(f"{m:.4f} ± {s:.4f} ({t:.0f} s)" for m, s, t in cells.values())
                      + " |")
-    text = (f"Image AUROC, mean ± std over seeds {seeds} (seconds per run in brackets); EfficientNet-Lite0, "
-            "token_norm power for every method, 10% of the normal training images held out for every method.\n\n"
+    text = (f"Image AUROC, mean ± sample std (n - 1) over seeds {seeds} (seconds per run in brackets); "
+            "EfficientNet-Lite0, token_norm power for every method, 10% of the normal training images held out "
+            "for every method.\n\n"
             + "\n".join(lines) + "\n")
     atomic_write_bytes(Path(args.out), text.encode())
     print("\n" + text)
 
 
 if __name__ == "__main__":
-    main()
+    from config import ConfigError
+    from datasets import DataError
+    from extractor import CacheError, WeightsError
+    from utils import run_cli
+
+    run_cli(main, (ConfigError, DataError, WeightsError, CacheError))

@@ -31,7 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config import Config, describe, parse_args  # noqa: E402
-from peer_anomalib import _peak_rss_gb, anomalib_cflow, in_child  # noqa: E402
+from peer_anomalib import _peak_rss_gb, anomalib_cflow, in_child, require_anomalib  # noqa: E402
 
 SETS = {"bottle": ("ANOMALY_MVTEC_ROOT", "bottle"), "magnetic_tile": ("ANOMALY_MAGNETIC_TILE_ROOT", "")}
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
@@ -121,9 +121,17 @@ def main() -> None:
     own.add_argument("--skip_anomalib", action="store_true")
     own.add_argument("--skip_baselines", action="store_true")
     args, rest = own.parse_known_args()
+    unknown = sorted(set(args.sets.split(",")) - set(SETS))
+    if unknown:
+        raise SystemExit(f"error: unknown --sets {', '.join(unknown)}; choose among {', '.join(SETS)}")
+    if not args.skip_anomalib:
+        require_anomalib()
     base = parse_args(["--preset", "cflow_lite0", "--dataset", "folder", "--scoring", "auto", *rest])
+    roots = set_roots(args.sets.split(","))
+    if not roots:
+        raise SystemExit("error: no defect set to run: set " + " or ".join(SETS[name][0] for name in SETS))
     print(describe(base))
-    for name, root in set_roots(args.sets.split(",")).items():
+    for name, root in roots.items():
         config = replace(base, data_root=str(root), classes="all")
         rows = in_child(ours, config)
         if not args.skip_anomalib:

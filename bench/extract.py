@@ -81,4 +81,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from config import ConfigError
+    from datasets import DataError
+    from extractor import CacheError, WeightsError
+    from utils import run_cli
+
+    run_cli(main, (ConfigError, DataError, WeightsError, CacheError))

@@ -48,7 +48,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.peer_anomalib import build_anomalib_cflow, category_of, dataset_label, in_child  # noqa: E402
+from bench.peer_anomalib import (build_anomalib_cflow, category_of, dataset_label, in_child,  # noqa: E402
+                                 require_anomalib)
 from config import Config, describe, parse_args  # noqa: E402
 
 MODEL_FIELDS = ("backbone", "weights", "layers", "img_size", "condition_dims", "n_flow_layers", "clamp",
@@ -113,7 +114,9 @@ def anomalib_side(config: Config, epochs: int, repeats: int) -> dict[str, Any]:
     from torchvision.transforms.v2 import Resize
 
     from bench.peer_anomalib import anomalib_datamodule
+    from utils import keep_freed_memory
 
+    keep_freed_memory()  # the allocator setting our side gets from configure_torch: the same for both sides
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -153,10 +156,14 @@ def anomalib_side(config: Config, epochs: int, repeats: int) -> dict[str, Any]:
 
 
 def timed(call: Any) -> dict[str, Any]:
-    """``call()``'s figures (predict.predict's dict) with the process CPU seconds it took (all its threads)."""
-    started = time.process_time()
+    """``call()``'s figures (predict.predict's dict) with the wall and process CPU seconds (all its threads) of
+    the whole call: listing the images and writing predictions.csv included, as anomalib's timer includes
+    all of ``Engine.predict``."""
+    started, cpu_started = time.perf_counter(), time.process_time()
     figures = call()
-    return {**figures, "cpu_seconds": time.process_time() - started}
+    seconds = time.perf_counter() - started
+    return {**figures, "seconds": seconds, "images_per_second": figures["images"] / seconds,
+            "cpu_seconds": time.process_time() - cpu_started}
 
 
 def median_pass(passes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -223,6 +230,7 @@ def main() -> None:
         raise SystemExit("error: give a CFLOW preset (e.g. --preset cflow_lite0) or a CFLOW --checkpoint")
     if config.dataset not in ("mvtec", "folder") or (config.dataset == "mvtec" and len(config.class_list() or []) != 1):
         raise SystemExit("error: --dataset mvtec with one --classes category, or --dataset folder")
+    require_anomalib()
     config = replace(config, threads=config.threads or torch.get_num_threads())  # the same count on both sides
     print(describe(config))
     images = len(test_images(config))
@@ -235,4 +243,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from config import ConfigError
+    from datasets import DataError
+    from utils import run_cli
+
+    run_cli(main, (ConfigError, DataError))
