@@ -250,5 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     run(config)
 
 
+EXPECTED_ERRORS = (ConfigError, DataError, WeightsError, CacheError, TrainingError, DetectorError)
+"""What bad input or settings raise: the scripts print it as one line and exit 2 (``utils.run_cli``)."""
+
 if __name__ == "__main__":
-    run_cli(main, (ConfigError, DataError, WeightsError, CacheError, TrainingError, DetectorError))
+    run_cli(main, EXPECTED_ERRORS)

@@ -16,6 +16,7 @@ from config import Config
 from datasets import Task
 from utils import atomic_write_bytes, atomic_write_json
 
+
 def selection_note(config: Config) -> str:
     """What chose the kept epoch and the threshold (never the test set)."""
     if config.val_fraction > 0:
@@ -23,6 +24,8 @@ def selection_note(config: Config) -> str:
                 "threshold come from held-out normal training images")
     return ("no epoch, threshold or setting was selected on the test set: with val_fraction 0 the last epoch is kept "
             "and the decision threshold comes from the fit images' own scores")
+
+
 MAP_NORM_NOTES = {
     "train": "maps normalised with the per-stage maximum of log p / C over the training fibers: a test image's "
              "score does not depend on the other test images",

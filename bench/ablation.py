@@ -109,9 +109,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from config import ConfigError
-    from datasets import DataError
-    from extractor import CacheError, WeightsError
+    from main import EXPECTED_ERRORS
     from utils import run_cli
 
-    run_cli(main, (ConfigError, DataError, WeightsError, CacheError))
+    run_cli(main, EXPECTED_ERRORS)

@@ -124,9 +124,9 @@ def main() -> None:
     unknown = sorted(set(args.sets.split(",")) - set(SETS))
     if unknown:
         raise SystemExit(f"error: unknown --sets {', '.join(unknown)}; choose among {', '.join(SETS)}")
+    base = parse_args(["--preset", "cflow_lite0", "--dataset", "folder", "--scoring", "auto", *rest])  # --help here
     if not args.skip_anomalib:
         require_anomalib()
-    base = parse_args(["--preset", "cflow_lite0", "--dataset", "folder", "--scoring", "auto", *rest])
     roots = set_roots(args.sets.split(","))
     if not roots:
         raise SystemExit("error: no defect set to run: set " + " or ".join(SETS[name][0] for name in SETS))

@@ -23,12 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config import Config, ConfigError, describe, parse_args  # noqa: E402
-from datasets import DataError  # noqa: E402
-from extractor import CacheError, WeightsError, cache_folder, extract_all, folder_bytes  # noqa: E402
-from main import run  # noqa: E402
+from config import Config, describe, parse_args  # noqa: E402
+from extractor import cache_folder, extract_all, folder_bytes  # noqa: E402
+from main import EXPECTED_ERRORS, run  # noqa: E402
 from report import method_label  # noqa: E402
-from train import TrainingError  # noqa: E402
 from utils import atomic_write_bytes, configure_torch, run_cli  # noqa: E402
 
 METHODS: tuple[dict[str, str], ...] = ({"method": "sanf", "fusion": "caff"}, {"method": "sanf", "fusion": "none"},
@@ -90,4 +88,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main, (ConfigError, DataError, WeightsError, CacheError, TrainingError))
+    run_cli(main, EXPECTED_ERRORS)
