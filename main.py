@@ -198,7 +198,8 @@ def note_replaced_run(folder: Path, config: Config) -> None:
         earlier = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return
-    ignored = {"eval_only", "device", "threads", "results_dir", "cache_dir", "refresh_cache", "num_workers"}
+    ignored = {"eval_only", "device", "threads", "stage_workers", "results_dir", "cache_dir", "refresh_cache",
+               "num_workers"}
     changed = [f"{name} {earlier[name]!r} -> {value!r}" for name, value in config.to_dict().items()
                if name not in ignored and name in earlier and earlier[name] != value]
     if changed:

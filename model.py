@@ -158,6 +158,7 @@ class CFlowModel(nn.Module):
         seed: decoder i (in ``stage_channels`` order) is built with seed ``seed + i``.
 
     Attributes:
+        init_args: the arguments above, from which a process of the stage-parallel training builds its copy.
         stage_names: the stage names, in order.
         condition_dims: P.
         decoders: ModuleDict of the decoders, keyed by the stage name with '.' replaced by '_'
@@ -176,6 +177,8 @@ class CFlowModel(nn.Module):
         super().__init__()
         if condition_dims % 4 != 0:
             raise ValueError(f"condition_dims must be divisible by 4, got {condition_dims}")
+        self.init_args = dict(stage_channels=dict(stage_channels), condition_dims=condition_dims, n_blocks=n_blocks,
+                              clamp=clamp, permute_soft=permute_soft, seed=seed)
         self.stage_names: tuple[str, ...] = tuple(stage_channels)
         self.stage_channels = dict(stage_channels)
         self._decoder_keys: dict[str, str] = {name: name.replace(".", "_") for name in self.stage_names}
@@ -481,6 +484,14 @@ class StageFeatures:
 
     def stage_channels(self) -> dict[str, int]:
         return {stage: feature_map.shape[1] for stage, feature_map in next(self.batches(1)).items()}
+
+    def only(self, stages: list[str]) -> StageFeatures:
+        """The maps of these stages alone (the stage-parallel training of ``--stage_workers``)."""
+        if self.maps is None:
+            if list(stages) != self.config.layer_list():
+                raise ValueError("the feature maps of some stages alone need cached features (--cache)")
+            return self
+        return StageFeatures({stage: self.maps[stage] for stage in stages})
 
 
 TokenFeatures = dict[str, Tensor]

@@ -30,7 +30,7 @@ from torch.profiler import record_function
 from tqdm import tqdm
 
 from config import Config
-from utils import seed_everything
+from utils import keep_freed_memory, seed_everything
 
 
 class TrainingError(RuntimeError):
@@ -43,6 +43,8 @@ class StageBatches(Protocol):
     def __len__(self) -> int: ...
 
     def batches(self, batch_size: int, order: Tensor | None = None) -> Iterator[dict[str, Tensor]]: ...
+
+    def only(self, stages: list[str]) -> StageBatches: ...
 
 
 def cflow_loss(log_likelihood_per_dim: Tensor) -> Tensor:
@@ -80,7 +82,29 @@ def shuffled_fiber_chunks(
         yield fibers[chunk], conditions[chunk]
 
 
-def keep_best_epoch(module: nn.Module, epochs: int, run_epoch: Callable[[int], Iterator[float]],
+class KeptWeights(Protocol):
+    """Where :func:`keep_best_epoch` keeps the best weights seen: ``remember`` the current ones, ``restore``
+    the remembered ones."""
+
+    def remember(self) -> None: ...
+
+    def restore(self) -> None: ...
+
+
+class ModuleWeights:
+    """A module's weights, remembered as a deep copy of its state dict."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module, self.state = module, None
+
+    def remember(self) -> None:
+        self.state = copy.deepcopy(self.module.state_dict())
+
+    def restore(self) -> None:
+        self.module.load_state_dict(self.state)
+
+
+def keep_best_epoch(weights: KeptWeights, epochs: int, run_epoch: Callable[[int], Iterator[float]],
                     held_out_nll: Callable[[], float] | None, desc: str, patience: int = 0,
                     checks_per_epoch: int = 1) -> dict[str, Any]:
     """Run up to ``epochs`` epochs; keep the weights with the lowest held-out NLL seen.
@@ -100,10 +124,10 @@ def keep_best_epoch(module: nn.Module, epochs: int, run_epoch: Callable[[int], I
         images).
     """
     curve: list[dict[str, float]] = []
-    best_epoch, best_nll, best_state = epochs, math.nan, None
+    best_epoch, best_nll = epochs, math.nan
     if held_out_nll is not None:
         best_epoch, best_nll = 0, held_out_nll()
-        best_state = copy.deepcopy(module.state_dict())
+        weights.remember()
         curve.append({"epoch": 0, "held_out_nll": best_nll})
     since_best = 0
     with tqdm(range(1, epochs + 1), desc=desc, unit="epoch") as progress:
@@ -117,15 +141,16 @@ def keep_best_epoch(module: nn.Module, epochs: int, run_epoch: Callable[[int], I
                 record["held_out_nll"] = nll = held_out_nll()
                 since_best += 1
                 if math.isfinite(nll) and not nll >= best_nll:
-                    best_epoch, best_nll, best_state = position, nll, copy.deepcopy(module.state_dict())
+                    best_epoch, best_nll = position, nll
+                    weights.remember()
                     since_best = 0
                 progress.set_postfix(loss=f"{loss:.4f}", held_out=f"{nll:.4f}", kept=best_epoch)
                 if patience and since_best >= patience:
                     progress.set_description(f"{desc}: stopped at {position}, held-out NLL not lower in {since_best}")
                     break
             started = time.perf_counter()
-    if best_state is not None:
-        module.load_state_dict(best_state)
+    if held_out_nll is not None:
+        weights.restore()
     return {"curve": curve, "kept_epoch": best_epoch, "held_out_nll": best_nll}
 
 
@@ -194,8 +219,8 @@ def train_sanf(model: nn.Module, fit: dict[str, Tensor], held_out: dict[str, Ten
         return torch.cat(values).mean().item()
 
     started = time.perf_counter()
-    result = keep_best_epoch(model, config.epochs, run_epoch, None if held_out is None else held_out_nll,
-                             f"{name} sanf", config.patience, checks)
+    result = keep_best_epoch(ModuleWeights(model), config.epochs, run_epoch,
+                             None if held_out is None else held_out_nll, f"{name} sanf", config.patience, checks)
     model.eval()
     seconds = time.perf_counter() - started
     epochs_run = result["curve"][-1]["epoch"] if result["curve"] else 0
@@ -228,53 +253,256 @@ def stage_loss_function(model: nn.Module, compile_it: bool) -> Callable[[str, Te
     return checked
 
 
+class StageTrainer:
+    """Trains a group of a ``CFlowModel``'s stage decoders on the group's feature maps.
+
+    One Adam over the group's decoders (a step moves only its chunk's decoder: the others have no
+    gradient) and one shuffling generator per stage, seeded by the stage's position in the model, so a
+    stage's training does not depend on which group it is in or on what the other groups do.
+    """
+
+    def __init__(self, model: nn.Module, stages: list[str], fit: StageBatches, held_out: StageBatches | None,
+                 config: Config, name: str) -> None:
+        self.model, self.stages, self.config, self.name = model, stages, config, name
+        self.fit = fit.only(stages)
+        self.held_out = None if held_out is None else held_out.only(stages)
+        self.optimizer = _adam([p for stage in stages for p in model.decoder(stage).parameters()], config)
+        self.generators = {stage: torch.Generator().manual_seed(stage_seed(config.seed, model.stage_names.index(stage)))
+                           for stage in stages}
+        self.stage_loss = stage_loss_function(model, config.compile)
+        self.remembered: dict[str, dict[str, Tensor]] | None = None
+
+    def train_epoch(self, epoch: int, order: Tensor) -> tuple[float, int]:
+        """One epoch over the fit images in ``order``; returns the loss summed over fibers and their count."""
+        self.model.train()
+        loss_sum, count = 0.0, 0
+        for batch, features in enumerate(self.fit.batches(self.config.batch_size, order)):
+            for stage, feature_map in features.items():
+                where = f"epoch {epoch}, image batch {batch + 1}, stage {stage} of '{self.name}'"
+                with record_function("train.fibers"):
+                    fibers, conditions = self.model.fibers_of(feature_map)
+                for chunk in shuffled_fiber_chunks(fibers, conditions, self.config.fiber_batch,
+                                                   self.generators[stage]):
+                    with record_function("train.forward"):
+                        loss = self.stage_loss(stage, *chunk)
+                    parameters = self.model.decoder(stage).parameters()
+                    loss_sum += _step(loss, self.optimizer, parameters, self.config, where) * len(chunk[0])
+                    count += len(chunk[0])
+        return loss_sum, count
+
+    @torch.no_grad()
+    def held_out_totals(self) -> dict[str, tuple[float, int]]:
+        """Per stage: the held-out fibers' NLL per dimension, summed, and their count."""
+        self.model.eval()
+        totals = {stage: (0.0, 0) for stage in self.stages}
+        for features in self.held_out.batches(self.config.test_batch_size):
+            for stage, log_likelihood in self.model.stage_log_likelihood_maps(features).items():
+                total, count = totals[stage]
+                totals[stage] = (total - log_likelihood.double().sum().item(), count + log_likelihood.numel())
+        return totals
+
+    def remember(self) -> None:
+        self.remembered = {stage: copy.deepcopy(self.model.decoder(stage).state_dict()) for stage in self.stages}
+
+    def restore(self) -> None:
+        for stage, state in self.remembered.items():
+            self.model.decoder(stage).load_state_dict(state)
+
+
+def stage_seed(seed: int, position: int) -> int:
+    """Seed of the fiber shuffling of the stage at ``position``."""
+    return seed + 1_000_003 * (position + 1)
+
+
+def stage_groups(costs: dict[str, float], workers: int) -> list[list[str]]:
+    """The stages in at most ``workers`` groups of similar total cost, each group in the stages' own order.
+
+    Longest first, each stage to the group with the least cost so far. Lite0's stages cost 461 / 223 /
+    179 (fibers per image x decoder parameters, in millions) and go to two workers as {blocks.2} and
+    {blocks.4, blocks.6}.
+    """
+    groups: list[list[str]] = [[] for _ in range(min(workers, len(costs)))]
+    loads = [0.0] * len(groups)
+    for stage in sorted(costs, key=lambda stage: -costs[stage]):
+        lightest = loads.index(min(loads))
+        groups[lightest].append(stage)
+        loads[lightest] += costs[stage]
+    order = list(costs)
+    return [sorted(group, key=order.index) for group in groups]
+
+
+class _InProcess:
+    """A :class:`StageTrainer` in this process, behind the interface of :class:`_WorkerProcess`."""
+
+    def __init__(self, *trainer_args: Any) -> None:
+        self.trainer = StageTrainer(*trainer_args)
+        self.stages = self.trainer.stages
+
+    def start(self, command: str, *args: Any) -> None:
+        self.reply = getattr(self.trainer, command)(*args)
+
+    def result(self) -> Any:
+        return self.reply
+
+    def close(self) -> None:
+        pass
+
+
+def _shared_model(model_class: type, init_args: dict[str, Any], state: dict[str, Tensor]) -> nn.Module:
+    """A model built from ``init_args`` whose parameters and buffers are the tensors of ``state`` (shared
+    memory), not copies of them. (FrEIA's blocks hold lambdas: a model cannot be pickled whole.)"""
+    model = model_class(**init_args)
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name in state:
+            tensor.data = state[name]
+    return model
+
+
+def _serve(connection: Any, model_parts: tuple, trainer_args: tuple, threads: int) -> None:
+    """A worker process: build a :class:`StageTrainer` over the shared model, then run the commands that
+    arrive, replying to each."""
+    keep_freed_memory()
+    torch.set_num_threads(threads)
+    try:
+        trainer = StageTrainer(_shared_model(*model_parts), *trainer_args)
+    except Exception as error:  # reported to the parent, which raises it
+        connection.send(("error", type(error).__name__, str(error)))
+        return
+    connection.send(("ok", None))
+    while True:
+        command, args = connection.recv()
+        if command == "stop":
+            return
+        try:
+            connection.send(("ok", getattr(trainer, command)(*args)))
+        except Exception as error:
+            connection.send(("error", type(error).__name__, str(error)))
+
+
+class _WorkerProcess:
+    """A :class:`StageTrainer` in a process of its own (``spawn``). The model's parameters and the feature
+    maps are moved to shared memory when the process starts, so its training updates this process's
+    model in place and nothing is copied back."""
+
+    def __init__(self, context: Any, model: nn.Module, trainer_args: tuple, threads: int) -> None:
+        self.stages = trainer_args[0]
+        self.connection, child = context.Pipe()
+        model_parts = (type(model), model.init_args, model.state_dict())
+        self.process = context.Process(target=_serve, args=(child, model_parts, trainer_args, threads), daemon=True)
+        self.process.start()
+        child.close()
+
+    def start(self, command: str, *args: Any) -> None:
+        self.connection.send((command, args))
+
+    def result(self) -> Any:
+        try:
+            reply = self.connection.recv()
+        except EOFError:
+            self.process.join(5)
+            raise TrainingError(f"the process training stages {', '.join(self.stages)} ended without a reply (exit "
+                                f"code {self.process.exitcode}; out of memory?); rerun with --stage_workers 1") from None
+        if reply[0] == "error":
+            _, kind, message = reply
+            raise TrainingError(message if kind == "TrainingError" else
+                                f"the process training stages {', '.join(self.stages)} failed: {kind}: {message}")
+        return reply[1]
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            try:
+                self.connection.send(("stop", ()))
+            except OSError:
+                pass
+            self.process.join(10)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join()
+        self.connection.close()
+
+
+def _on_all(trainers: list[Any], command: str, *args: Any) -> list[Any]:
+    """Run ``command`` on every trainer, side by side where they are processes; their replies in order."""
+    for trainer in trainers:
+        trainer.start(command, *args)
+    return [trainer.result() for trainer in trainers]
+
+
+class _GroupWeights:
+    """:class:`KeptWeights` of every group: each trainer remembers and restores its own decoders."""
+
+    def __init__(self, trainers: list[Any]) -> None:
+        self.trainers = trainers
+
+    def remember(self) -> None:
+        _on_all(self.trainers, "remember")
+
+    def restore(self) -> None:
+        _on_all(self.trainers, "restore")
+
+
+def _stage_trainers(model: nn.Module, fit: StageBatches, held_out: StageBatches | None, config: Config,
+                    name: str) -> list[Any]:
+    """One in-process trainer of every stage, or ``stage_workers`` processes with a group of stages each."""
+    if config.stage_workers == 1:
+        return [_InProcess(model, list(model.stage_names), fit, held_out, config, name)]
+    shapes = {stage: feature_map.shape for stage, feature_map in next(fit.batches(1)).items()}
+    costs = {stage: shapes[stage][2] * shapes[stage][3] * sum(p.numel() for p in model.decoder(stage).parameters())
+             for stage in model.stage_names}
+    groups = stage_groups(costs, config.stage_workers)
+    threads = max(1, torch.get_num_threads() // len(groups))
+    context = torch.multiprocessing.get_context("spawn")
+    model.share_memory()
+    trainers: list[Any] = []
+    try:
+        for group in groups:
+            trainers.append(_WorkerProcess(context, model, (group, fit, held_out, config, name), threads))
+        for trainer in trainers:
+            trainer.result()
+    except BaseException:
+        for trainer in trainers:
+            trainer.close()
+        raise
+    return trainers
+
+
 def train_cflow(model: nn.Module, fit: StageBatches, held_out: StageBatches | None, config: Config,
                 name: str) -> dict[str, Any]:
-    """CFLOW-AD training; the stages' decoders share one Adam (a step only moves its chunk's decoder).
+    """CFLOW-AD training: per image batch and stage, the fibers shuffled and cut into ``fiber_batch`` chunks,
+    one Adam step per chunk.
+
+    The stages' decoders are independent, so with ``stage_workers`` > 1 they train side by side in worker
+    processes (:func:`stage_groups`), with the same numbers as in this process up to float rounding.
 
     Args:
         model: a ``CFlowModel``.
         fit, held_out: per-stage feature maps of the fit and held-out images.
     """
-    generator = seed_everything(config.seed)
-    optimizer = _adam(model.parameters(), config)
-    stage_loss = stage_loss_function(model, config.compile)
+    generator = seed_everything(config.seed)  # draws each epoch's image order
+    started = time.perf_counter()
+    trainers = _stage_trainers(model, fit, held_out, config, name)
     fibers_per_epoch = 0
 
     def run_epoch(epoch: int) -> Iterator[float]:
         nonlocal fibers_per_epoch
-        model.train()
-        loss_sum, count = 0.0, 0
         order = torch.randperm(len(fit), generator=generator)
-        for batch, features in enumerate(fit.batches(config.batch_size, order)):
-            for stage, feature_map in features.items():
-                where = f"epoch {epoch}, image batch {batch + 1}, stage {stage} of '{name}'"
-                with record_function("train.fibers"):
-                    fibers, conditions = model.fibers_of(feature_map)
-                for chunk in shuffled_fiber_chunks(fibers, conditions, config.fiber_batch, generator):
-                    with record_function("train.forward"):
-                        loss = stage_loss(stage, *chunk)
-                    loss_sum += _step(loss, optimizer, model.decoder(stage).parameters(), config, where) * len(chunk[0])
-                    count += len(chunk[0])
-        fibers_per_epoch = count
-        yield loss_sum / max(count, 1)
+        sums, counts = zip(*_on_all(trainers, "train_epoch", epoch, order))
+        fibers_per_epoch = sum(counts)
+        yield sum(sums) / max(sum(counts), 1)
 
-    @torch.no_grad()
     def held_out_nll() -> float:
-        model.eval()
-        totals: dict[str, list[float]] = {stage: [0.0, 0] for stage in model.stage_names}
-        for features in held_out.batches(config.test_batch_size):
-            for stage, log_likelihood in model.stage_log_likelihood_maps(features).items():
-                totals[stage][0] -= log_likelihood.double().sum().item()
-                totals[stage][1] += log_likelihood.numel()
-        return sum(total / count for total, count in totals.values()) / len(totals)
+        totals = {stage: total for reply in _on_all(trainers, "held_out_totals") for stage, total in reply.items()}
+        return sum(totals[stage][0] / totals[stage][1] for stage in model.stage_names) / len(totals)
 
-    started = time.perf_counter()
-    result = keep_best_epoch(model, config.epochs, run_epoch, None if held_out is None else held_out_nll,
-                             f"{name} cflow", config.patience)
+    try:
+        result = keep_best_epoch(_GroupWeights(trainers), config.epochs, run_epoch,
+                                 None if held_out is None else held_out_nll, f"{name} cflow", config.patience)
+    finally:
+        for trainer in trainers:
+            trainer.close()
     model.eval()
     seconds = time.perf_counter() - started
     epochs_run = len(result["curve"]) - (held_out is not None)
     return {**result, "train_seconds": seconds, "epochs_run": epochs_run,
-            "seconds_per_epoch": seconds / max(epochs_run, 1), "train_fibers_per_epoch": fibers_per_epoch,
+            "stage_groups": [trainer.stages for trainer in trainers], "seconds_per_epoch": seconds / max(epochs_run, 1), "train_fibers_per_epoch": fibers_per_epoch,
             "train_fibers_per_second": fibers_per_epoch * epochs_run / max(seconds, 1e-9)}

@@ -50,6 +50,7 @@ import resource
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,15 @@ METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1", "pixel_f1")
 
 
 def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    """The larger of this process's peak and its largest finished child's (``--stage_workers``: the features
+    are shared between them, so the two are not added)."""
+    return max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1e6
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished children (the ``--stage_workers`` processes)."""
+    return sum(time_used for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for time_used in resource.getrusage(who)[:2])
 
 
 def category_of(config: Config) -> str:
@@ -83,15 +92,16 @@ def dataset_label(config: Config) -> str:
 
 
 def _cpu_meter(owner: Any, name: str, store: dict[str, float]) -> None:
-    """Wrap ``owner.name`` so that ``store[name]`` holds the process CPU seconds of its latest call."""
+    """Wrap ``owner.name`` so that ``store[name]`` holds the CPU seconds of its latest call (its worker
+    processes included)."""
     original = getattr(owner, name)
 
     def metered(*args: Any, **kwargs: Any) -> Any:
-        started = time.process_time()
+        started = _cpu_seconds()
         try:
             return original(*args, **kwargs)
         finally:
-            store[name] = time.process_time() - started
+            store[name] = _cpu_seconds() - started
 
     setattr(owner, name, metered)
 
@@ -119,7 +129,7 @@ def ours(config: Config) -> dict[str, Any]:
             "train_cpu_seconds_per_epoch": cpu["train_cflow"] / max(metrics["epochs_run"], 1),
             "last_epoch_seconds_per_image": metrics["curve"][-1]["seconds"] / metrics["n_fit"],
             "test_images_per_cpu_second": metrics["n_test"] / cpu["score"],
-            "n_fit": metrics["n_fit"], "n_held_out": metrics["n_held_out"], "n_test": metrics["n_test"],
+            "stage_groups": metrics.get("stage_groups"), "cache": config.cache, "n_fit": metrics["n_fit"], "n_held_out": metrics["n_held_out"], "n_test": metrics["n_test"],
             "total_seconds": total, "peak_rss_gb": _peak_rss_gb(), "threads": torch.get_num_threads()}
 
 
@@ -279,11 +289,12 @@ def anomalib_cflow(config: Config) -> dict[str, Any]:
 
 def in_child(function: Any, *args: Any) -> Any:
     """``function(*args)`` in a fresh process, so that peak memory and threads are its own."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(function, args)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:  # not daemonic: it may
+        return pool.submit(function, *args).result()                                     # start --stage_workers
 
 
-def table(config: Config, peer: dict[str, Any], cached: dict[str, Any], on_the_fly: dict[str, Any]) -> str:
+def table(peer: dict[str, Any], ours_by_label: dict[str, dict[str, Any]]) -> str:
+    """One row per measure: anomalib's value, each of our runs' and each one's ratio to anomalib's."""
     rows = [("Image AUROC", "image_auroc", "{:.4f}"), ("Pixel AUROC", "pixel_auroc", "{:.4f}"),
             ("AUPRO@0.3", "aupro", "{:.4f}"), ("Image F1-max", "image_f1", "{:.4f}"),
             ("Pixel F1-max", "pixel_f1", "{:.4f}"), ("Train seconds / epoch", "seconds_per_epoch", "{:.2f}"),
@@ -294,16 +305,24 @@ def table(config: Config, peer: dict[str, Any], cached: dict[str, Any], on_the_f
             ("Train CPU seconds / epoch", "train_cpu_seconds_per_epoch", "{:.1f}"),
             ("Test images / CPU s", "test_images_per_cpu_second", "{:.2f}"),
             ("Peak memory (GB, max RSS)", "peak_rss_gb", "{:.2f}")]
-    lines = ["| measure | anomalib Cflow | ours (cache) | ours (cache=false) | ours (cache) / anomalib | "
-             "ours (cache=false) / anomalib |", "|---|---|---|---|---|---|"]
+    labels, ours = list(ours_by_label), list(ours_by_label.values())
+    lines = [f"| measure | anomalib Cflow | {' | '.join(labels)} | "
+             f"{' | '.join(f'{label} / anomalib' for label in labels)} |", "|---" * (2 + 2 * len(labels)) + "|"]
     for label, key, style in rows:
-        lines.append(f"| {label} | {style.format(peer[key])} | {style.format(cached[key])} | "
-                     f"{style.format(on_the_fly[key])} | {cached[key] / peer[key]:.2f} | "
-                     f"{on_the_fly[key] / peer[key]:.2f} |")
-    lines.append(f"| Training images used | {peer['n_train']} | {cached['n_fit']} (+{cached['n_held_out']} held out) | "
-                 f"{on_the_fly['n_fit']} (+{on_the_fly['n_held_out']} held out) | - | - |")
-    lines.append(f"| One-time feature extraction (s) | - | {cached['feature_seconds']:.1f} | - | - | - |")
+        lines.append(f"| {label} | {style.format(peer[key])} | {' | '.join(style.format(run[key]) for run in ours)} | "
+                     f"{' | '.join(f'{run[key] / peer[key]:.2f}' for run in ours)} |")
+    used = " | ".join(f"{run['n_fit']} (+{run['n_held_out']} held out)" for run in ours)
+    lines.append(f"| Training images used | {peer['n_train']} | {used} |{' - |' * len(ours)}")
+    extraction = " | ".join(f"{run['feature_seconds']:.1f}" if run["cache"] else "-" for run in ours)
+    lines.append(f"| One-time feature extraction (s) | - | {extraction} |{' - |' * len(ours)}")
     return "\n".join(lines)
+
+
+def workers_note(config: Config, cached: dict[str, Any]) -> str:
+    if config.stage_workers == 1:
+        return "Ours trains the stages one after the other in one process (--stage_workers 1). "
+    return (f"Ours trains the stages one after the other in one process, and (cached features only) in "
+            f"{config.stage_workers} processes side by side, stage groups {cached['stage_groups']} (--stage_workers). ")
 
 
 def header(config: Config, peer: dict[str, Any], cached: dict[str, Any]) -> str:
@@ -318,8 +337,9 @@ def header(config: Config, peer: dict[str, Any], cached: dict[str, Any]) -> str:
             f"(val_fraction {config.val_fraction:g}, for the kept epoch and the threshold) and fits on "
             f"{cached['n_fit']}. Our maps normalised on {config.map_norm}; metrics of both sides by our metrics.py "
             f"against our masks. torch threads: anomalib {peer['threads']}, ours {cached['threads']}; "
-            f"{config.num_workers} loader workers. CPU seconds are the process's, all threads (with other jobs "
-            f"on the machine and more than one thread they include spin-waiting).")
+            f"{config.num_workers} loader workers. {workers_note(config, cached)}"
+            f"CPU seconds are the processes', all threads (with other jobs on the machine and more than one thread "
+            f"they include spin-waiting).")
 
 
 def require_anomalib() -> None:
@@ -348,8 +368,10 @@ def main() -> None:
     print(describe(config))
     peer = in_child(anomalib_cflow, config)
     cached = in_child(ours, config)
-    on_the_fly = in_child(ours, replace(config, cache=False))
-    text = f"{header(config, peer, cached)}\n\n{table(config, peer, cached, on_the_fly)}\n"
+    runs = {f"ours (cache, {config.stage_workers} processes)": cached} if config.stage_workers > 1 else {}
+    runs["ours (cache)"] = in_child(ours, replace(config, stage_workers=1)) if runs else cached
+    runs["ours (cache=false)"] = in_child(ours, replace(config, cache=False, stage_workers=1))
+    text = f"{header(config, peer, cached)}\n\n{table(peer, runs)}\n"
     print("\n" + text)
 
 

@@ -16,7 +16,7 @@ from conftest import untimed_curve
 from model import (CFlowDetector, CFlowModel, StageFeatures, anomaly_maps, build_cflow_decoder,
                    positional_encoding_2d)
 from report import cflow_table, figure_indices
-from train import TrainingError, cflow_loss, shuffled_fiber_chunks, stage_loss_function, train_cflow
+from train import TrainingError, cflow_loss, shuffled_fiber_chunks, stage_groups, stage_loss_function, train_cflow
 
 OFFICIAL_GCONST = -0.9189385332046727  # ln(1/sqrt(2 pi)), ``_GCONST_`` in the official code
 
@@ -431,6 +431,48 @@ def test_held_out_nll_picks_the_kept_epoch_and_never_ends_above_the_start():
             fibers, conditions = model.fibers_of(held_out.maps[stage])
             values.append(-model.fiber_log_likelihood_per_dim(stage, fibers, conditions).double().mean().item())
     assert np.mean(values) == pytest.approx(info["held_out_nll"], rel=1e-5)
+
+
+def test_stage_groups_balance_the_costs_and_keep_the_stage_order():
+    assert stage_groups({"blocks.2": 461, "blocks.4": 223, "blocks.6": 179}, 2) == [["blocks.2"], ["blocks.4", "blocks.6"]]
+    assert stage_groups({"a": 1, "b": 5, "c": 2, "d": 4}, 2) == [["a", "b"], ["c", "d"]]  # 6 and 6
+    assert stage_groups({"a": 1, "b": 5}, 4) == [["b"], ["a"]]
+    assert stage_groups({"a": 1, "b": 5, "c": 2}, 1) == [["a", "b", "c"]]
+
+
+def test_stage_workers_train_the_same_decoders_as_one_process():
+    """Two worker processes (one stage each) against the stages trained one after the other in this process:
+    the same weights, curve and kept epoch, since each stage has its own generator (one thread everywhere)."""
+    fit = random_stage_features(4, 2, small_config(), shift=2.0)
+    held_out = random_stage_features(3, 5, small_config(), shift=1.0)
+    outcomes = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers get max(1, 1 // 2) = 1 thread each
+    try:
+        for workers in (1, 2):
+            config = small_config(epochs=3, patience=0, stage_workers=workers)
+            model = CFlowModel(STAGE_CHANNELS, condition_dims=8, n_blocks=2, seed=config.seed)
+            outcomes.append((model, train_cflow(model, fit, held_out, config, "synthetic")))
+    finally:
+        torch.set_num_threads(threads)
+    (alone, alone_info), (side_by_side, side_info) = outcomes
+    assert side_info["stage_groups"] == [["blocks.2"], ["blocks.4"]] and alone_info["stage_groups"] == [["blocks.2", "blocks.4"]]
+    first, second = alone.state_dict(), side_by_side.state_dict()
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    assert untimed_curve(alone_info["curve"]) == untimed_curve(side_info["curve"])
+    assert alone_info["kept_epoch"] == side_info["kept_epoch"]
+    # the weights came back from the workers: they are trained, not the seeded start
+    start = CFlowModel(STAGE_CHANNELS, condition_dims=8, n_blocks=2, seed=0).state_dict()
+    assert any(not torch.equal(start[key], second[key]) for key in start)
+
+
+def test_a_stage_worker_s_non_finite_loss_stops_training_with_the_training_error():
+    config = small_config(epochs=1, stage_workers=2)
+    train = random_stage_features(3, 4, config)
+    train.maps["blocks.4"][1, 0, 0, 0] = float("inf")
+    model = CFlowModel(STAGE_CHANNELS, condition_dims=8, n_blocks=2)
+    with pytest.raises(TrainingError, match="stage blocks.4 of 'synthetic'; lower --lr"):
+        train_cflow(model, train, None, config, "synthetic")
 
 
 def test_non_finite_features_stop_training_with_a_training_error():

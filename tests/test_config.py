@@ -145,6 +145,11 @@ def test_missing_config_file_is_named(tmp_path):
     (["--condition_dims", "130"], "multiple of 4"),
     (["--method", "cflow", "--layers", ""], "needs --layers"),
     (["--method", "knn", "--no-cache"], "method knn reads its features from the cache: drop --no-cache"),
+    (["--method", "cflow", "--stage_workers", "0"], "stage_workers must be >= 1"),
+    (["--method", "cflow", "--stage_workers", "2", "--no-cache"], "over cached features: use it with --method cflow, "
+                                                                  "--cache and --device cpu"),
+    (["--method", "cflow", "--stage_workers", "2", "--device", "cuda"], "--device cpu"),
+    (["--method", "sanf", "--stage_workers", "2"], "--method cflow"),
 ])
 def test_bad_values_are_refused(argv, message):
     with pytest.raises(ConfigError, match=message):

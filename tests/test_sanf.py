@@ -15,7 +15,7 @@ from conftest import kept_the_best_measurement, not_below_baseline
 from datasets import load_tasks
 from main import run
 from model import GaussianDetector, SANFDetector, SANFModel, normalise_tokens
-from train import TrainingError, keep_best_epoch, train_sanf
+from train import ModuleWeights, TrainingError, keep_best_epoch, train_sanf
 
 ROOT = __import__("conftest").ROOT
 
@@ -153,7 +153,7 @@ def test_the_epoch_with_the_lowest_held_out_nll_is_kept_epoch_0_included(held_ou
         module.value.data.fill_(float(epoch))  # the weights after epoch e hold e
         yield 0.0
 
-    result = keep_best_epoch(module, 3, run_epoch, lambda: next(measured), "toy")
+    result = keep_best_epoch(ModuleWeights(module), 3, run_epoch, lambda: next(measured), "toy")
     assert result["kept_epoch"] == kept and module.value.item() == kept
     assert [r["epoch"] for r in result["curve"]] == [0, 1, 2, 3]
     assert result["held_out_nll"] == held_out_curve[kept]
@@ -169,7 +169,7 @@ def test_patience_stops_once_the_held_out_nll_stops_improving():
         module.value.data.fill_(float(epoch))
         yield 0.0
 
-    result = keep_best_epoch(module, 5, run_epoch, lambda: next(measured), "toy", patience=2)
+    result = keep_best_epoch(ModuleWeights(module), 5, run_epoch, lambda: next(measured), "toy", patience=2)
     assert epochs_run == [1, 2, 3] and result["kept_epoch"] == 1 and module.value.item() == 1
 
 
@@ -187,7 +187,7 @@ def test_measurements_within_an_epoch_keep_a_part_and_stop_after_a_fraction_of_a
                 module.value.data.fill_(positions[-1])
                 yield 0.0
 
-        result = keep_best_epoch(module, 3, run_epoch, lambda: next(measured), "toy", patience=1, checks_per_epoch=4)
+        result = keep_best_epoch(ModuleWeights(module), 3, run_epoch, lambda: next(measured), "toy", patience=1, checks_per_epoch=4)
         assert len(positions) == parts_run and result["kept_epoch"] == kept and module.value.item() == kept
         assert [r["epoch"] for r in result["curve"]] == [0, *positions]
 
