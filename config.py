@@ -172,7 +172,7 @@ class Config:
                               "parameters), each process with threads / stage_workers torch threads; 1 = one "
                               "stage after the other in this process. Each stage has its own shuffling generator, "
                               "so the numbers are the same either way up to the float rounding of another thread "
-                              "count. 2 on two cores: 1.35x faster epochs at 64 fibers per step (BENCHMARKS.md)")
+                              "count. 2 on two cores: 1.25-1.6x faster epochs at 64 fibers per step (BENCHMARKS.md)")
     results_dir: str = _opt("run", "results", "results folder")
     eval_only: bool = _opt("run", False, "main.py: rescore the saved checkpoints without training, into "
                            "<run folder>/eval_only/ (the run's own results stay); the checkpoints' settings are "

@@ -389,8 +389,14 @@ class _WorkerProcess:
         self.connection, child = context.Pipe()
         model_parts = (type(model), model.init_args, model.state_dict())
         self.process = context.Process(target=_serve, args=(child, model_parts, trainer_args, threads), daemon=True)
-        self.process.start()
-        child.close()
+        try:
+            self.process.start()  # moves the weights and feature maps into shared memory
+        except (OSError, RuntimeError) as error:
+            raise TrainingError(f"could not start a process training stages {', '.join(self.stages)} ({error}); "
+                                "the features go through shared memory (/dev/shm; in a container, --shm-size): "
+                                "free some or rerun with --stage_workers 1") from error
+        finally:
+            child.close()
 
     def start(self, command: str, *args: Any) -> None:
         self.connection.send((command, args))

@@ -475,6 +475,23 @@ def test_a_stage_worker_s_non_finite_loss_stops_training_with_the_training_error
         train_cflow(model, train, None, config, "synthetic")
 
 
+def test_stage_workers_that_cannot_share_memory_stop_with_the_fix_named(monkeypatch):
+    spawn = torch.multiprocessing.get_context("spawn")
+
+    class FullSharedMemory:
+        Pipe = staticmethod(spawn.Pipe)
+
+        class Process(spawn.Process):
+            def start(self):
+                raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch.multiprocessing, "get_context", lambda method: FullSharedMemory)
+    config = small_config(epochs=1, stage_workers=2)
+    model = CFlowModel(STAGE_CHANNELS, condition_dims=8, n_blocks=2)
+    with pytest.raises(TrainingError, match=r"shared memory \(/dev/shm.*--stage_workers 1"):
+        train_cflow(model, random_stage_features(3, 4, config), None, config, "synthetic")
+
+
 def test_non_finite_features_stop_training_with_a_training_error():
     config = small_config(epochs=1)
     train = random_stage_features(3, 4, config)
