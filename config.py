@@ -169,7 +169,7 @@ class Config:
                          "kernels per Adam step, which matters at small fiber batches; same numbers up to rounding")
     stage_workers: int = _opt("run", 1, "CFLOW on CPU with cached features: processes that train the stages' "
                               "decoders side by side, the stages grouped by cost (fibers per image x decoder "
-                              "parameters), each process with threads / stage_workers torch threads; 1 = one "
+                              "parameters), each process with threads / groups torch threads; 1 = one "
                               "stage after the other in this process. Each stage has its own shuffling generator, "
                               "so the numbers are the same either way up to the float rounding of another thread "
                               "count. 2 on two cores: 1.25-1.6x faster epochs at 64 fibers per step (BENCHMARKS.md)")
@@ -305,7 +305,8 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{name}={value!r} is not one of: {', '.join(f.metadata['choices'])}")
         if _TYPES[name] in (int, float) and value < 0:
             raise ConfigError(f"{name} must be >= 0, got {value}")
-    for name in ("img_size", "stage_workers", "n_flow_layers", "hidden", "heads", "batch_size", "fiber_batch", "test_batch_size",
+    for name in ("img_size", "stage_workers", "n_flow_layers", "hidden", "heads", "batch_size", "fiber_batch",
+                 "test_batch_size",
                  "extract_batch_size", "knn_k", "condition_dims", "patch_grid", "held_out_checks"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
@@ -320,8 +321,8 @@ def validate(config: Config) -> None:
     if not config.cache and config.method != "cflow":
         raise ConfigError(f"--no-cache computes CFLOW's features on every batch; method {config.method} reads its "
                           "features from the cache: drop --no-cache")
-    if config.stage_workers > 1 and (config.method != "cflow" or not config.cache
-                                     or config.device.split(":")[0] != "cpu"):
+    on_cpu = config.device.split(":")[0] == "cpu"
+    if config.stage_workers > 1 and (config.method != "cflow" or not config.cache or not on_cpu):
         raise ConfigError("--stage_workers > 1 trains CFLOW's decoders in CPU processes over cached features: use it "
                           "with --method cflow, --cache and --device cpu, or drop it")
     if config.method == "cflow" and not config.layer_list():

@@ -488,9 +488,7 @@ class StageFeatures:
     def only(self, stages: list[str]) -> StageFeatures:
         """The maps of these stages alone (the stage-parallel training of ``--stage_workers``)."""
         if self.maps is None:
-            if list(stages) != self.config.layer_list():
-                raise ValueError("the feature maps of some stages alone need cached features (--cache)")
-            return self
+            raise ValueError("the feature maps of some stages alone need cached features (--cache)")
         return StageFeatures({stage: self.maps[stage] for stage in stages})
 
 

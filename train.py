@@ -9,17 +9,24 @@ No test image is looked at.
 
 - :func:`train_sanf`: SANF-AD, one Adam step per batch of ``batch_size`` images.
 - :func:`train_cflow`: CFLOW-AD, per image batch and stage, all fibers shuffled and cut into chunks
-  of ``fiber_batch``, one Adam step per chunk (official code: 256, anomalib: 64).
+  of ``fiber_batch``, one Adam step per chunk (official code: 256, anomalib: 64). The stages' decoders
+  are independent; with ``stage_workers`` > 1 groups of them train side by side in worker processes
+  (:class:`StageTrainer`), with the same weights as in one process.
 
 The loops take the models duck-typed (``SANFModel.nll_per_dim``; ``CFlowModel.fibers_of`` /
-``fiber_log_likelihood_per_dim``), so this module does not import ``model.py``.
+``fiber_log_likelihood_per_dim`` / ``decoder`` / ``init_args``), so this module does not import
+``model.py``.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import multiprocessing
+import signal
+import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
@@ -264,19 +271,20 @@ class StageTrainer:
     def __init__(self, model: nn.Module, stages: list[str], fit: StageBatches, held_out: StageBatches | None,
                  config: Config, name: str) -> None:
         self.model, self.stages, self.config, self.name = model, stages, config, name
-        self.fit = fit.only(stages)
-        self.held_out = None if held_out is None else held_out.only(stages)
+        every_stage = list(stages) == list(model.stage_names)
+        self.fit = fit if every_stage else fit.only(stages)
+        self.held_out = held_out if every_stage or held_out is None else held_out.only(stages)
         self.optimizer = _adam([p for stage in stages for p in model.decoder(stage).parameters()], config)
         self.generators = {stage: torch.Generator().manual_seed(stage_seed(config.seed, model.stage_names.index(stage)))
                            for stage in stages}
         self.stage_loss = stage_loss_function(model, config.compile)
         self.remembered: dict[str, dict[str, Tensor]] | None = None
 
-    def train_epoch(self, epoch: int, order: Tensor) -> tuple[float, int]:
-        """One epoch over the fit images in ``order``; returns the loss summed over fibers and their count."""
+    def train_epoch(self, epoch: int, order: list[int]) -> dict[str, tuple[float, int]]:
+        """One epoch over the fit images in ``order``; per stage, the loss summed over fibers and their count."""
         self.model.train()
-        loss_sum, count = 0.0, 0
-        for batch, features in enumerate(self.fit.batches(self.config.batch_size, order)):
+        totals = {stage: (0.0, 0) for stage in self.stages}
+        for batch, features in enumerate(self.fit.batches(self.config.batch_size, torch.tensor(order))):
             for stage, feature_map in features.items():
                 where = f"epoch {epoch}, image batch {batch + 1}, stage {stage} of '{self.name}'"
                 with record_function("train.fibers"):
@@ -286,9 +294,10 @@ class StageTrainer:
                     with record_function("train.forward"):
                         loss = self.stage_loss(stage, *chunk)
                     parameters = self.model.decoder(stage).parameters()
-                    loss_sum += _step(loss, self.optimizer, parameters, self.config, where) * len(chunk[0])
-                    count += len(chunk[0])
-        return loss_sum, count
+                    loss_sum, count = totals[stage]
+                    totals[stage] = (loss_sum + _step(loss, self.optimizer, parameters, self.config, where)
+                                     * len(chunk[0]), count + len(chunk[0]))
+        return totals
 
     @torch.no_grad()
     def held_out_totals(self) -> dict[str, tuple[float, int]]:
@@ -307,6 +316,12 @@ class StageTrainer:
     def restore(self) -> None:
         for stage, state in self.remembered.items():
             self.model.decoder(stage).load_state_dict(state)
+
+    def peak_memory_gb(self) -> float:
+        """This process's peak resident memory (the stage workers report theirs into results.json)."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9
 
 
 def stage_seed(seed: int, position: int) -> int:
@@ -337,6 +352,7 @@ class _InProcess:
     def __init__(self, *trainer_args: Any) -> None:
         self.trainer = StageTrainer(*trainer_args)
         self.stages = self.trainer.stages
+        self.reply: Any = None
 
     def start(self, command: str, *args: Any) -> None:
         self.reply = getattr(self.trainer, command)(*args)
@@ -344,29 +360,34 @@ class _InProcess:
     def result(self) -> Any:
         return self.reply
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         pass
 
 
 def _shared_model(model_class: type, init_args: dict[str, Any], state: dict[str, Tensor]) -> nn.Module:
     """A model built from ``init_args`` whose parameters and buffers are the tensors of ``state`` (shared
-    memory), not copies of them. (FrEIA's blocks hold lambdas: a model cannot be pickled whole.)"""
-    model = model_class(**init_args)
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if name in state:
-            tensor.data = state[name]
+    memory), not copies of them. (FrEIA's blocks hold lambdas: a model cannot be pickled whole.) The soft
+    permutations' slow random draws are skipped: the shared tensors replace them."""
+    model = model_class(**{**init_args, "permute_soft": False})
+    tensors = dict([*model.named_parameters(), *model.named_buffers()])
+    if set(state) != set(tensors):
+        differing = sorted(set(state) ^ set(tensors))
+        raise RuntimeError(f"the rebuilt model's tensors differ from the shared ones: {differing}")
+    for name, tensor in tensors.items():
+        tensor.data = state[name]
     return model
 
 
 def _serve(connection: Any, model_parts: tuple, trainer_args: tuple, threads: int) -> None:
     """A worker process: build a :class:`StageTrainer` over the shared model, then run the commands that
-    arrive, replying to each."""
+    arrive, replying to each. Ctrl-C is the parent's to handle: it stops the workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     keep_freed_memory()
     torch.set_num_threads(threads)
     try:
         trainer = StageTrainer(_shared_model(*model_parts), *trainer_args)
     except Exception as error:  # reported to the parent, which raises it
-        connection.send(("error", type(error).__name__, str(error)))
+        connection.send(("error", type(error).__name__, traceback.format_exc()))
         return
     connection.send(("ok", None))
     while True:
@@ -375,14 +396,16 @@ def _serve(connection: Any, model_parts: tuple, trainer_args: tuple, threads: in
             return
         try:
             connection.send(("ok", getattr(trainer, command)(*args)))
+        except TrainingError as error:
+            connection.send(("error", "TrainingError", str(error)))
         except Exception as error:
-            connection.send(("error", type(error).__name__, str(error)))
+            connection.send(("error", type(error).__name__, traceback.format_exc()))
 
 
 class _WorkerProcess:
     """A :class:`StageTrainer` in a process of its own (``spawn``). The model's parameters and the feature
-    maps are moved to shared memory when the process starts, so its training updates this process's
-    model in place and nothing is copied back."""
+    maps are in shared memory, so its training updates this process's model in place and nothing is copied
+    back."""
 
     def __init__(self, context: Any, model: nn.Module, trainer_args: tuple, threads: int) -> None:
         self.stages = trainer_args[0]
@@ -390,41 +413,48 @@ class _WorkerProcess:
         model_parts = (type(model), model.init_args, model.state_dict())
         self.process = context.Process(target=_serve, args=(child, model_parts, trainer_args, threads), daemon=True)
         try:
-            self.process.start()  # moves the weights and feature maps into shared memory
-        except (OSError, RuntimeError) as error:
-            raise TrainingError(f"could not start a process training stages {', '.join(self.stages)} ({error}); "
-                                "the features go through shared memory (/dev/shm; in a container, --shm-size): "
-                                "free some or rerun with --stage_workers 1") from error
+            self.process.start()  # sends the shared-memory handles of the weights and feature maps
+        except OSError as error:
+            raise _shared_memory_error(error) from error
         finally:
             child.close()
 
     def start(self, command: str, *args: Any) -> None:
-        self.connection.send((command, args))
+        try:
+            self.connection.send((command, args))
+        except OSError:  # the process has ended; result() says how
+            pass
 
     def result(self) -> Any:
         try:
             reply = self.connection.recv()
         except EOFError:
             self.process.join(5)
+            code = self.process.exitcode
+            why = "it was killed (out of memory?)" if code == -signal.SIGKILL else "its error is printed above"
             raise TrainingError(f"the process training stages {', '.join(self.stages)} ended without a reply (exit "
-                                f"code {self.process.exitcode}; out of memory?); rerun with --stage_workers 1") from None
+                                f"code {code}: {why}); rerun with --stage_workers 1") from None
         if reply[0] == "error":
             _, kind, message = reply
             raise TrainingError(message if kind == "TrainingError" else
-                                f"the process training stages {', '.join(self.stages)} failed: {kind}: {message}")
+                                f"the process training stages {', '.join(self.stages)} failed:\n{message}")
         return reply[1]
 
-    def close(self) -> None:
-        if self.process.is_alive():
-            try:
-                self.connection.send(("stop", ()))
-            except OSError:
-                pass
+    def close(self, wait: bool = True) -> None:
+        """Stop the process: asked to (``wait``: up to 10 s for it to finish its command) or at once."""
+        if wait and self.process.is_alive():
+            self.start("stop")
             self.process.join(10)
         if self.process.is_alive():
             self.process.terminate()
             self.process.join()
         self.connection.close()
+
+
+def _shared_memory_error(error: OSError) -> TrainingError:
+    return TrainingError(f"could not share the weights and feature maps with the stage workers ({error}); they go "
+                         "through shared memory (/dev/shm; in a container, --shm-size): free some or rerun with "
+                         "--stage_workers 1")
 
 
 def _on_all(trainers: list[Any], command: str, *args: Any) -> list[Any]:
@@ -452,13 +482,19 @@ def _stage_trainers(model: nn.Module, fit: StageBatches, held_out: StageBatches 
     """One in-process trainer of every stage, or ``stage_workers`` processes with a group of stages each."""
     if config.stage_workers == 1:
         return [_InProcess(model, list(model.stage_names), fit, held_out, config, name)]
+    if multiprocessing.current_process().daemon:
+        raise TrainingError("--stage_workers starts processes, which a daemonic process (a multiprocessing Pool "
+                            "worker) may not do: rerun with --stage_workers 1")
     shapes = {stage: feature_map.shape for stage, feature_map in next(fit.batches(1)).items()}
     costs = {stage: shapes[stage][2] * shapes[stage][3] * sum(p.numel() for p in model.decoder(stage).parameters())
              for stage in model.stage_names}
     groups = stage_groups(costs, config.stage_workers)
     threads = max(1, torch.get_num_threads() // len(groups))
     context = torch.multiprocessing.get_context("spawn")
-    model.share_memory()
+    try:
+        model.share_memory()
+    except (OSError, RuntimeError) as error:
+        raise _shared_memory_error(error) from error
     trainers: list[Any] = []
     try:
         for group in groups:
@@ -467,7 +503,7 @@ def _stage_trainers(model: nn.Module, fit: StageBatches, held_out: StageBatches 
             trainer.result()
     except BaseException:
         for trainer in trainers:
-            trainer.close()
+            trainer.close(wait=False)
         raise
     return trainers
 
@@ -491,10 +527,11 @@ def train_cflow(model: nn.Module, fit: StageBatches, held_out: StageBatches | No
 
     def run_epoch(epoch: int) -> Iterator[float]:
         nonlocal fibers_per_epoch
-        order = torch.randperm(len(fit), generator=generator)
-        sums, counts = zip(*_on_all(trainers, "train_epoch", epoch, order))
-        fibers_per_epoch = sum(counts)
-        yield sum(sums) / max(sum(counts), 1)
+        order = torch.randperm(len(fit), generator=generator).tolist()
+        totals = {stage: total for reply in _on_all(trainers, "train_epoch", epoch, order)
+                  for stage, total in reply.items()}
+        fibers_per_epoch = sum(totals[stage][1] for stage in model.stage_names)
+        yield sum(totals[stage][0] for stage in model.stage_names) / max(fibers_per_epoch, 1)
 
     def held_out_nll() -> float:
         totals = {stage: total for reply in _on_all(trainers, "held_out_totals") for stage, total in reply.items()}
@@ -503,12 +540,18 @@ def train_cflow(model: nn.Module, fit: StageBatches, held_out: StageBatches | No
     try:
         result = keep_best_epoch(_GroupWeights(trainers), config.epochs, run_epoch,
                                  None if held_out is None else held_out_nll, f"{name} cflow", config.patience)
-    finally:
+        workers = [trainer for trainer in trainers if isinstance(trainer, _WorkerProcess)]
+        worker_peaks = _on_all(workers, "peak_memory_gb")
+    except BaseException:
         for trainer in trainers:
-            trainer.close()
+            trainer.close(wait=False)
+        raise
+    for trainer in trainers:
+        trainer.close()
     model.eval()
     seconds = time.perf_counter() - started
     epochs_run = len(result["curve"]) - (held_out is not None)
     return {**result, "train_seconds": seconds, "epochs_run": epochs_run,
-            "stage_groups": [trainer.stages for trainer in trainers], "seconds_per_epoch": seconds / max(epochs_run, 1), "train_fibers_per_epoch": fibers_per_epoch,
+            "stage_groups": [trainer.stages for trainer in trainers], "worker_peak_memory_gb": worker_peaks,
+            "seconds_per_epoch": seconds / max(epochs_run, 1), "train_fibers_per_epoch": fibers_per_epoch,
             "train_fibers_per_second": fibers_per_epoch * epochs_run / max(seconds, 1e-9)}

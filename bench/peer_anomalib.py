@@ -33,13 +33,15 @@ excluded) and, like ours with ``cache=false``, includes decoding the images with
 workers. Ours: "train seconds / epoch" is the whole training divided by the epochs run (the held-out NLL
 passes, epoch 0's included, counted in); "last epoch" is the last epoch's training alone. Ours fits on fewer
 images than anomalib unless ``--val_fraction 0``: the per-training-image row compares the two fairly. Both
-sides run with ``utils.keep_freed_memory`` (glibc keeps freed memory for reuse). Ours runs twice: with the
-feature cache (the default workflow; the one-time extraction is reported apart) and with ``cache=false`` (the
-backbone on every batch, like anomalib). Besides wall-clock seconds, the table gives the process CPU seconds (all threads) of the training
-epoch and of the test scoring (ours: measured around ``model.train_cflow`` and the test
-``CFlowDetector.score`` call, wrapped in its child process). With other jobs on the machine neither is clean:
-the wall clock counts the time the process waits, and with more than one thread the CPU seconds count the
-OpenMP threads' spin-waiting for each other; ``--threads 1`` makes the CPU seconds the work done.
+sides run with ``utils.keep_freed_memory`` (glibc keeps freed memory for reuse). Ours runs with the feature
+cache (the default workflow; the one-time extraction is reported apart) and with ``cache=false`` (the backbone
+on every batch, like anomalib), both in one process; with ``--stage_workers N`` (N > 1) also with the cache
+and N training processes. Besides wall-clock seconds, the table gives the CPU seconds (all threads, finished
+child processes included) of the training epoch and of the test scoring (ours: measured around
+``model.train_cflow`` and the test ``CFlowDetector.score`` call, wrapped in its child process). With other
+jobs on the machine neither is clean: the wall clock counts the time the process waits, and with more than one
+thread the CPU seconds count the OpenMP threads' spin-waiting for each other; ``--threads 1`` makes the CPU
+seconds the work done.
 """
 
 from __future__ import annotations
@@ -66,10 +68,8 @@ ANOMALIB_FIBER_BATCH, ANOMALIB_LR = 64, 1e-4  # anomalib Cflow's defaults: its o
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1", "pixel_f1")
 
 
-def _peak_rss_gb() -> float:
-    """The larger of this process's peak and its largest finished child's (``--stage_workers``: the features
-    are shared between them, so the two are not added)."""
-    return max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1e6
+def _own_peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
 def _cpu_seconds() -> float:
@@ -129,8 +129,10 @@ def ours(config: Config) -> dict[str, Any]:
             "train_cpu_seconds_per_epoch": cpu["train_cflow"] / max(metrics["epochs_run"], 1),
             "last_epoch_seconds_per_image": metrics["curve"][-1]["seconds"] / metrics["n_fit"],
             "test_images_per_cpu_second": metrics["n_test"] / cpu["score"],
-            "stage_groups": metrics.get("stage_groups"), "cache": config.cache, "n_fit": metrics["n_fit"], "n_held_out": metrics["n_held_out"], "n_test": metrics["n_test"],
-            "total_seconds": total, "peak_rss_gb": _peak_rss_gb(), "threads": torch.get_num_threads()}
+            "stage_groups": metrics["stage_groups"], "cache": config.cache, "n_fit": metrics["n_fit"],
+            "n_held_out": metrics["n_held_out"], "n_test": metrics["n_test"], "total_seconds": total,
+            "peak_rss_gb": _own_peak_rss_gb() + sum(metrics["worker_peak_memory_gb"]),
+            "threads": torch.get_num_threads()}
 
 
 def anomalib_transform(config: Config) -> Any:
@@ -229,7 +231,7 @@ def anomalib_cflow(config: Config) -> dict[str, Any]:
 
         @staticmethod
         def now() -> tuple[float, float]:
-            return time.perf_counter(), time.process_time()
+            return time.perf_counter(), _cpu_seconds()
 
         def on_train_epoch_start(self, *_: Any) -> None:
             self.started, self.validation = self.now(), (0.0, 0.0)
@@ -255,9 +257,9 @@ def anomalib_cflow(config: Config) -> dict[str, Any]:
         started = time.perf_counter()
         engine.fit(model=model, datamodule=datamodule)
         fit_seconds = time.perf_counter() - started
-        started, cpu_started = time.perf_counter(), time.process_time()
+        started, cpu_started = time.perf_counter(), _cpu_seconds()
         batches = engine.predict(model=model, datamodule=datamodule, return_predictions=True)
-        predict_seconds, predict_cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+        predict_seconds, predict_cpu_seconds = time.perf_counter() - started, _cpu_seconds() - cpu_started
 
     task = load_tasks(replace(config, classes=category_of(config)) if config.dataset == "mvtec" else config)[0]
     position = {str(Path(name).relative_to("test")): index for index, name in enumerate(task.test.ids)}
@@ -284,13 +286,14 @@ def anomalib_cflow(config: Config) -> dict[str, Any]:
             "train_cpu_seconds_per_epoch": float(np.mean(timer.cpu_seconds)),
             "test_images_per_cpu_second": len(task.test) / predict_cpu_seconds,
             "n_train": len(task.train), "n_test": len(task.test), "data_note": data_note,
-            "peak_rss_gb": _peak_rss_gb(), "threads": torch.get_num_threads()}
+            "peak_rss_gb": _own_peak_rss_gb(), "threads": torch.get_num_threads()}
 
 
 def in_child(function: Any, *args: Any) -> Any:
     """``function(*args)`` in a fresh process, so that peak memory and threads are its own."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:  # not daemonic: it may
-        return pool.submit(function, *args).result()                                     # start --stage_workers
+    # ProcessPoolExecutor's processes are not daemonic (Pool's are), so they may start --stage_workers
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
 
 
 def table(peer: dict[str, Any], ours_by_label: dict[str, dict[str, Any]]) -> str:
@@ -304,7 +307,8 @@ def table(peer: dict[str, Any], ours_by_label: dict[str, dict[str, Any]]) -> str
              "test_images_per_second", "{:.1f}"),
             ("Train CPU seconds / epoch", "train_cpu_seconds_per_epoch", "{:.1f}"),
             ("Test images / CPU s", "test_images_per_cpu_second", "{:.2f}"),
-            ("Peak memory (GB, max RSS)", "peak_rss_gb", "{:.2f}")]
+            ("Peak memory (GB, max RSS; with stage workers the sum of every process's, the shared features "
+             "counted in each)", "peak_rss_gb", "{:.2f}")]
     labels, ours = list(ours_by_label), list(ours_by_label.values())
     lines = [f"| measure | anomalib Cflow | {' | '.join(labels)} | "
              f"{' | '.join(f'{label} / anomalib' for label in labels)} |", "|---" * (2 + 2 * len(labels)) + "|"]
@@ -319,6 +323,7 @@ def table(peer: dict[str, Any], ours_by_label: dict[str, dict[str, Any]]) -> str
 
 
 def workers_note(config: Config, cached: dict[str, Any]) -> str:
+    """How our side's training ran: one process, and with ``--stage_workers`` also side by side."""
     if config.stage_workers == 1:
         return "Ours trains the stages one after the other in one process (--stage_workers 1). "
     return (f"Ours trains the stages one after the other in one process, and (cached features only) in "
