@@ -31,7 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config import Config, describe, parse_args  # noqa: E402
-from peer_anomalib import _peak_rss_gb, anomalib_cflow, in_child, require_anomalib  # noqa: E402
+from bench.peer_anomalib import anomalib_cflow, in_child, peak_memory_gb, require_anomalib  # noqa: E402
 
 SETS = {"bottle": ("ANOMALY_MVTEC_ROOT", "bottle"), "magnetic_tile": ("ANOMALY_MAGNETIC_TILE_ROOT", "")}
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
@@ -67,7 +67,7 @@ def ours(config: Config) -> list[dict[str, Any]]:
         masks = load_test_masks(task, config.img_size)
         detector = load_detector(results_folder(config) / "checkpoints" / f"{task.name}.pt", extractor=extractor)
         common = {**{k: metrics[k] for k in ("seconds_per_epoch", "epochs_run", "kept_epoch")},
-                  "peak_rss_gb": _peak_rss_gb()}
+                  "peak_rss_gb": peak_memory_gb(metrics)}
         rows = [{"row": f"ours, scoring auto (chose {metrics['scoring_rule']})", **common,
                  **{k: metrics[k] for k in METRICS}}]
         for label, norm in (("official", "test"), ("anomalib", "batch")):

@@ -331,3 +331,12 @@ def test_a_weights_file_torch_will_not_load_safely_is_named_without_unsafe_advic
     with pytest.raises(WeightsError, match="not a state dict saved by torch.save") as caught:
         _read_state_dict(str(path))
     assert "weights_only set to False" not in str(caught.value)
+
+
+@pytest.mark.parametrize("script", sorted(path.name for path in (ROOT / "bench").glob("*.py")))
+def test_every_bench_script_imports(script):
+    """Each bench script's imports resolve (a renamed helper would otherwise break it only when run)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{script[:-3]}", ROOT / "bench" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert callable(getattr(module, "main", None))
