@@ -15,12 +15,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 import predict
 from config import make_config
 from conftest import kept_the_best_measurement, not_below_baseline
 from datasets import load_tasks
 from main import results_folder, run
+from model import load_detector
 from report import read_scores_csv
 
 ROOT = os.environ.get("ANOMALY_MVTEC_ROOT", "")
@@ -91,3 +93,25 @@ def test_features_on_the_fly_with_the_official_test_set_normalisation(tmp_path):
     assert metrics["image_auroc"] >= 0.85  # 1 epoch on 22 images: well above chance (0.5), not the full result
     assert metrics["train_fibers_per_epoch"] == (24 - 2) * (16 * 16 + 8 * 8 + 4 * 4)  # 2 of 24 held out
     assert not (tmp_path / "cache").exists()
+
+
+def test_stage_workers_on_bottle_give_the_one_process_weights_and_metrics(tmp_path):
+    """--stage_workers 2 against one process on real features (one torch thread everywhere): the same decoders
+    in the checkpoints, so the same metrics."""
+    base = make_config("cflow_lite0", data_root=ROOT, classes="bottle", img_size=128, epochs=1, lr=1e-3,
+                       max_train_per_class=24, n_figure_images=0, threads=1, cache_dir=str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    runs = {}
+    try:
+        for workers in (1, 2):
+            config = dataclasses.replace(base, stage_workers=workers, results_dir=str(tmp_path / f"results{workers}"))
+            runs[workers] = (config, run(config)["per_class"]["bottle"])
+    finally:
+        torch.set_num_threads(threads)
+    (alone_config, alone), (side_config, side) = runs[1], runs[2]
+    assert side["stage_groups"] == [["blocks.2"], ["blocks.4", "blocks.6"]] and len(alone["stage_groups"]) == 1
+    for key in ("image_auroc", "pixel_auroc", "aupro", "held_out_nll"):
+        assert side[key] == alone[key]
+    weights = [load_detector(results_folder(config) / "checkpoints" / "bottle.pt").model.state_dict()
+               for config in (alone_config, side_config)]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
