@@ -306,8 +306,7 @@ def validate(config: Config) -> None:
         if _TYPES[name] in (int, float) and value < 0:
             raise ConfigError(f"{name} must be >= 0, got {value}")
     for name in ("img_size", "stage_workers", "n_flow_layers", "hidden", "heads", "batch_size", "fiber_batch",
-                 "test_batch_size",
-                 "extract_batch_size", "knn_k", "condition_dims", "patch_grid", "held_out_checks"):
+                 "test_batch_size", "extract_batch_size", "knn_k", "condition_dims", "patch_grid", "held_out_checks"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
     if not config.gaussian_shrinkage <= 1:

@@ -24,7 +24,6 @@ import copy
 import math
 import multiprocessing
 import signal
-import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
@@ -37,7 +36,7 @@ from torch.profiler import record_function
 from tqdm import tqdm
 
 from config import Config
-from utils import keep_freed_memory, seed_everything
+from utils import keep_freed_memory, peak_memory_gb, seed_everything
 
 
 class TrainingError(RuntimeError):
@@ -319,9 +318,7 @@ class StageTrainer:
 
     def peak_memory_gb(self) -> float:
         """This process's peak resident memory (the stage workers report theirs into results.json)."""
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9
+        return peak_memory_gb()
 
 
 def stage_seed(seed: int, position: int) -> int:
@@ -387,7 +384,7 @@ def _serve(connection: Any, model_parts: tuple, trainer_args: tuple, threads: in
     try:
         trainer = StageTrainer(_shared_model(*model_parts), *trainer_args)
     except Exception as error:  # reported to the parent, which raises it
-        connection.send(("error", type(error).__name__, traceback.format_exc()))
+        connection.send(_error_reply(error))
         return
     connection.send(("ok", None))
     while True:
@@ -396,10 +393,15 @@ def _serve(connection: Any, model_parts: tuple, trainer_args: tuple, threads: in
             return
         try:
             connection.send(("ok", getattr(trainer, command)(*args)))
-        except TrainingError as error:
-            connection.send(("error", "TrainingError", str(error)))
         except Exception as error:
-            connection.send(("error", type(error).__name__, traceback.format_exc()))
+            connection.send(_error_reply(error))
+
+
+def _error_reply(error: Exception) -> tuple[str, str, str]:
+    """A TrainingError's own message (it names the fix); any other error's traceback."""
+    if isinstance(error, TrainingError):
+        return "error", "TrainingError", str(error)
+    return "error", type(error).__name__, traceback.format_exc()
 
 
 class _WorkerProcess:
@@ -457,6 +459,11 @@ def _shared_memory_error(error: OSError) -> TrainingError:
                          "--stage_workers 1")
 
 
+def _close_all(trainers: list[Any], wait: bool = True) -> None:
+    for trainer in trainers:
+        trainer.close(wait)
+
+
 def _on_all(trainers: list[Any], command: str, *args: Any) -> list[Any]:
     """Run ``command`` on every trainer, side by side where they are processes; their replies in order."""
     for trainer in trainers:
@@ -502,8 +509,7 @@ def _stage_trainers(model: nn.Module, fit: StageBatches, held_out: StageBatches 
         for trainer in trainers:
             trainer.result()
     except BaseException:
-        for trainer in trainers:
-            trainer.close(wait=False)
+        _close_all(trainers, wait=False)
         raise
     return trainers
 
@@ -543,11 +549,9 @@ def train_cflow(model: nn.Module, fit: StageBatches, held_out: StageBatches | No
         workers = [trainer for trainer in trainers if isinstance(trainer, _WorkerProcess)]
         worker_peaks = _on_all(workers, "peak_memory_gb")
     except BaseException:
-        for trainer in trainers:
-            trainer.close(wait=False)
+        _close_all(trainers, wait=False)
         raise
-    for trainer in trainers:
-        trainer.close()
+    _close_all(trainers)
     model.eval()
     seconds = time.perf_counter() - started
     epochs_run = len(result["curve"]) - (held_out is not None)

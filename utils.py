@@ -99,6 +99,15 @@ def configure_torch(config: Any) -> None:
     seed_everything(config.seed)
 
 
+def peak_memory_gb() -> float:
+    """This process's peak resident memory (max RSS) in the unit of every table in BENCHMARKS.md: Linux's
+    kilobytes / 1e6 (macOS reports bytes)."""
+    import resource  # Unix only; nothing else here needs it
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e9 if sys.platform == "darwin" else peak / 1e6
+
+
 def check_device(device: str) -> None:
     """Stop with a ConfigError naming the fix when ``device`` is no torch device, or a CUDA device torch
     does not see."""

@@ -63,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config import Config, describe, parse_args  # noqa: E402
 from datasets import load_tasks  # noqa: E402
+from utils import peak_memory_gb as own_peak_memory_gb  # noqa: E402
 
 ANOMALIB_FIBER_BATCH, ANOMALIB_LR = 64, 1e-4  # anomalib Cflow's defaults: its own optimiser setting
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1", "pixel_f1")
@@ -71,8 +72,7 @@ METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1", "pixel_f1")
 def peak_memory_gb(metrics: dict[str, Any] | None = None) -> float:
     """This process's peak RSS plus, after a CFLOW run with stage workers, each worker's (``metrics``: the
     run's results.json entry). The features the processes share count in each, so the sum is an upper bound."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    return own + sum((metrics or {}).get("worker_peak_memory_gb", []))
+    return own_peak_memory_gb() + sum((metrics or {}).get("worker_peak_memory_gb", []))
 
 
 def _cpu_seconds() -> float:

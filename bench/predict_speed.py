@@ -38,7 +38,6 @@ them the work done).
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import tempfile
 import time
@@ -51,13 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.peer_anomalib import (build_anomalib_cflow, category_of, dataset_label, in_child,  # noqa: E402
                                  require_anomalib)
 from config import Config, describe, parse_args  # noqa: E402
+from utils import peak_memory_gb  # noqa: E402
 
 MODEL_FIELDS = ("backbone", "weights", "layers", "img_size", "condition_dims", "n_flow_layers", "clamp",
                 "permute_soft", "map_norm", "method")
-
-
-def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
 def test_images(config: Config) -> list[str]:
@@ -102,7 +98,7 @@ def ours(config: Config, checkpoint: str, origin: str, repeats: int) -> dict[str
         drawn = median_pass([timed(lambda: predict(detector, images, Path(folder) / f"overlays-{index}", batch,
                                                    overlays=True)) for index in range(repeats)])
     return {"plain": plain, "overlays": drawn, "setup_seconds": setup_seconds, "origin": origin,
-            "threads": torch.get_num_threads(), "peak_rss_gb": _peak_rss_gb()}
+            "threads": torch.get_num_threads(), "peak_rss_gb": peak_memory_gb()}
 
 
 def anomalib_side(config: Config, epochs: int, repeats: int) -> dict[str, Any]:
@@ -152,7 +148,7 @@ def anomalib_side(config: Config, epochs: int, repeats: int) -> dict[str, Any]:
                            "cpu_seconds": cpu_seconds})
     return {"plain": median_pass(passes),
             "setup_seconds": setup_seconds, "origin": f"trained for {epochs} epoch(s)" if epochs else "untrained",
-            "threads": torch.get_num_threads(), "peak_rss_gb": _peak_rss_gb()}
+            "threads": torch.get_num_threads(), "peak_rss_gb": peak_memory_gb()}
 
 
 def timed(call: Any) -> dict[str, Any]:
