@@ -48,7 +48,9 @@ from config import Config, ConfigError, describe, parse_args
 from datasets import DataError, ImageList, Task, dataset_identity, load_tasks
 from utils import atomic_write_json, configure_torch, fsync_path, run_cli
 
-CACHE_FORMAT = 2  # 2: arrays named by extraction id, JSON with file names and byte sizes
+# 2: arrays named by extraction id, JSON with file names and byte sizes; 3: a ViT's CFLOW stages stored as maps
+# (B, C, H, W) like a CNN's, not as tokens (B, 1 + H * W, C)
+CACHE_FORMAT = 3
 
 
 class WeightsError(RuntimeError):
@@ -242,7 +244,7 @@ def texture_layer_names(spec: str, backbone: nn.Module, is_vit: bool, backbone_n
 class _FeatureHead(nn.Module):
     """Backbone forward → a tuple of feature tensors, in the order of ``names``.
 
-    CFLOW (``layers``): the named stages' maps. SANF and the baselines: the semantic token (a ViT's
+    CFLOW (``layers``): the named stages' maps (a ViT block's patch tokens as a map). SANF and the baselines: the semantic token (a ViT's
     class token, or a CNN's global average of the last stage) and the texture tokens: the maps of
     ``texture_layers`` (or the final map when empty) average-pooled to ``patch_grid`` x ``patch_grid``
     and concatenated along channels. Stage outputs are captured with forward hooks that live on this
@@ -281,7 +283,7 @@ class _FeatureHead(nn.Module):
         self._stage_outputs = {}
         if self.layers:
             self.backbone.forward_features(pixels)
-            return tuple(self._stage_outputs[name] for name in self.layers)
+            return tuple(self._as_map(self._stage_outputs[name]) for name in self.layers)
         if self.is_vit:
             tokens = self.backbone.forward_features(pixels)  # final LayerNorm applied
             final_map, semantic = self._as_map(tokens), tokens[:, 0]
@@ -291,6 +293,14 @@ class _FeatureHead(nn.Module):
         maps = [self._as_map(self._stage_outputs[name]) for name in self.texture_layers] or [final_map]
         pooled = torch.cat([F.adaptive_avg_pool2d(feature_map, self.patch_grid) for feature_map in maps], dim=1)
         return semantic, pooled.flatten(2).transpose(1, 2)
+
+
+def _check_patch_multiple(img_size: int, patch: int, backbone: str) -> None:
+    """A ViT cuts the image into patch x patch squares; timm refuses a size they do not tile."""
+    if img_size % patch:
+        below, above = img_size // patch * patch, (img_size // patch + 1) * patch
+        raise ConfigError(f"--img_size {img_size} is not a multiple of {backbone}'s patch size {patch}: "
+                          f"pass --img_size {below} or {above}")
 
 
 class FeatureExtractor(nn.Module):
@@ -308,6 +318,8 @@ class FeatureExtractor(nn.Module):
         self.layers = config.layer_list() if config.method == "cflow" else []
         backbone, self.weights_source = build_backbone(config.backbone, config.weights)
         self.is_vit = _is_vision_transformer(config.backbone)
+        if self.is_vit:
+            _check_patch_multiple(config.img_size, backbone.patch_embed.patch_size[0], config.backbone)
         data_config = timm.data.resolve_data_config({}, model=backbone)
         self.device = torch.device(config.device)
         # the backbone's own normalisation (Lite0: mean = std = 0.5; timm ViTs / ResNets: ImageNet)

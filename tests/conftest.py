@@ -58,6 +58,18 @@ def mvtec_root() -> Path:
 
 
 @pytest.fixture
+def vit_weights() -> Path:
+    """The DINOv2-architecture ViT-S/14 state dict (float16) of ../shared/weights."""
+    value = os.environ.get("ANOMALY_VIT_WEIGHTS", "")
+    if not value:
+        pytest.skip("ANOMALY_VIT_WEIGHTS is not set (.ci/run sets it when ../shared/weights holds "
+                    "vit_small_patch14_dinov2.fp16.pth)")
+    if not Path(value).is_file():
+        pytest.skip(f"ANOMALY_VIT_WEIGHTS={value} is not a file")
+    return Path(value)
+
+
+@pytest.fixture
 def magnetic_tile_root() -> Path:
     """The magnetic tile category folder in MVTec layout (train/good/, test/<defect>/, ground_truth/)."""
     return _data_folder("ANOMALY_MAGNETIC_TILE_ROOT", "train/good")
