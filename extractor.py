@@ -244,11 +244,11 @@ def texture_layer_names(spec: str, backbone: nn.Module, is_vit: bool, backbone_n
 class _FeatureHead(nn.Module):
     """Backbone forward → a tuple of feature tensors, in the order of ``names``.
 
-    CFLOW (``layers``): the named stages' maps (a ViT block's patch tokens as a map). SANF and the baselines: the semantic token (a ViT's
-    class token, or a CNN's global average of the last stage) and the texture tokens: the maps of
-    ``texture_layers`` (or the final map when empty) average-pooled to ``patch_grid`` x ``patch_grid``
-    and concatenated along channels. Stage outputs are captured with forward hooks that live on this
-    module only (no globals).
+    CFLOW (``layers``): the named stages' maps (a ViT block's patch tokens laid out as a map). SANF and
+    the baselines: the semantic token (a ViT's class token, or a CNN's global average of the last stage)
+    and the texture tokens: the maps of ``texture_layers`` (or the final map when empty) average-pooled
+    to ``patch_grid`` x ``patch_grid`` and concatenated along channels. Stage outputs are captured with
+    forward hooks that live on this module only (no globals).
     """
 
     def __init__(self, backbone: nn.Module, is_vit: bool, layers: list[str], patch_grid: int, backbone_name: str,

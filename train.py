@@ -277,7 +277,7 @@ class StageTrainer:
         self.generators = {stage: torch.Generator().manual_seed(stage_seed(config.seed, model.stage_names.index(stage)))
                            for stage in stages}
         self.stage_loss = stage_loss_function(model, config.compile)
-        self.remembered: dict[str, dict[str, Tensor]] | None = None
+        self.kept_weights = [ModuleWeights(model.decoder(stage)) for stage in stages]
 
     def train_epoch(self, epoch: int, order: list[int]) -> dict[str, tuple[float, int]]:
         """One epoch over the fit images in ``order``; per stage, the loss summed over fibers and their count."""
@@ -310,11 +310,12 @@ class StageTrainer:
         return totals
 
     def remember(self) -> None:
-        self.remembered = {stage: copy.deepcopy(self.model.decoder(stage).state_dict()) for stage in self.stages}
+        for weights in self.kept_weights:
+            weights.remember()
 
     def restore(self) -> None:
-        for stage, state in self.remembered.items():
-            self.model.decoder(stage).load_state_dict(state)
+        for weights in self.kept_weights:
+            weights.restore()
 
     def peak_memory_gb(self) -> float:
         """This process's peak resident memory (the stage workers report theirs into results.json)."""

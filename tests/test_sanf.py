@@ -187,7 +187,8 @@ def test_measurements_within_an_epoch_keep_a_part_and_stop_after_a_fraction_of_a
                 module.value.data.fill_(positions[-1])
                 yield 0.0
 
-        result = keep_best_epoch(ModuleWeights(module), 3, run_epoch, lambda: next(measured), "toy", patience=1, checks_per_epoch=4)
+        result = keep_best_epoch(ModuleWeights(module), 3, run_epoch, lambda: next(measured), "toy", patience=1,
+                                 checks_per_epoch=4)
         assert len(positions) == parts_run and result["kept_epoch"] == kept and module.value.item() == kept
         assert [r["epoch"] for r in result["curve"]] == [0, *positions]
 
