@@ -70,8 +70,10 @@ class Config:
                                "chosen on training data with bench/validate.py; never the pooled last stage); last: "
                                "the final feature map (what the semantic token pools); or backbone module names, "
                                "comma-separated, each pooled to the grid and concatenated along channels")
-    layers: str = _opt("features", "blocks.2,blocks.4,blocks.6", "CFLOW: backbone stages (module names, "
-                       "comma-separated)")
+    layers: str = _opt("features", "auto", "CFLOW: backbone stages, module names comma-separated, or auto: a CNN's "
+                       "stages at strides 8, 16 and 32 of timm's feature_info (the paper's layer2-4 of a ResNet; "
+                       "EfficientNet-Lite0 blocks.2,blocks.4,blocks.6), a ViT's blocks at a third, two thirds and "
+                       "the end of its depth (12 blocks: blocks.3,blocks.7,blocks.11)")
     token_norm: str = _opt("features", "none", "sanf / knn / gaussian: per-token normalisation of the cached "
                            "features: none (public code), l2 (unit length: the cosine geometry of the kNN baseline), "
                            "power (signed square root, then unit length)", ("none", "l2", "power"))
@@ -185,7 +187,10 @@ class Config:
         return [name.strip() for name in self.classes.split(",") if name.strip()]
 
     def layer_list(self) -> list[str]:
-        """The CFLOW backbone stages."""
+        """The CFLOW backbone stages as named; [] for ``auto``, which the feature extractor resolves from the
+        backbone (``FeatureExtractor.layers``)."""
+        if self.layers.strip() == "auto":
+            return []
         return [name.strip() for name in self.layers.split(",") if name.strip()]
 
     def resolved_data_root(self) -> str:
@@ -324,8 +329,8 @@ def validate(config: Config) -> None:
     if config.stage_workers > 1 and (config.method != "cflow" or not config.cache or not on_cpu):
         raise ConfigError("--stage_workers > 1 trains CFLOW's decoders in CPU processes over cached features: use it "
                           "with --method cflow, --cache and --device cpu, or drop it")
-    if config.method == "cflow" and not config.layer_list():
-        raise ConfigError("method=cflow needs --layers (backbone module names, comma-separated)")
+    if config.method == "cflow" and not config.layer_list() and config.layers.strip() != "auto":
+        raise ConfigError("method=cflow needs --layers: backbone module names, comma-separated, or auto")
     if config.scoring != "auto":
         from anomaly_map import ScoringRule  # torch-free parsing would duplicate the rule's grammar
 
@@ -334,7 +339,7 @@ def validate(config: Config) -> None:
         except ValueError as error:
             raise ConfigError(f"--scoring: {error}") from None
         extra = [stage for stage in rule.stages if stage not in config.layer_list()]
-        if config.method == "cflow" and extra:
+        if config.method == "cflow" and config.layer_list() and extra:
             raise ConfigError(f"--scoring names stages {extra} that --layers ({config.layers}) does not extract")
 
 

@@ -241,6 +241,37 @@ def texture_layer_names(spec: str, backbone: nn.Module, is_vit: bool, backbone_n
     return stages[-1:]
 
 
+def cflow_layer_names(spec: str, backbone: nn.Module, is_vit: bool, backbone_name: str) -> list[str]:
+    """CFLOW's stages: the names in ``spec``, or for ``auto`` three stages from coarse texture to semantics.
+
+    A CNN: the last module at each of the strides 8, 16 and 32 in timm's ``feature_info`` (the paper's
+    layer2-4 of a WideResNet; EfficientNet-Lite0 blocks.2, blocks.4, blocks.6). A ViT has one stride, so its
+    blocks at a third, two thirds and the end of its depth (12 blocks: blocks.3, blocks.7, blocks.11).
+    """
+    if spec.strip() != "auto":
+        return [name.strip() for name in spec.split(",") if name.strip()]
+    if is_vit:
+        depth = len(backbone.blocks)
+        return [f"blocks.{round(depth * part / 3) - 1}" for part in (1, 2, 3)]
+    by_stride = {info["reduction"]: info["module"] for info in getattr(backbone, "feature_info", [])}
+    missing = [stride for stride in (8, 16, 32) if stride not in by_stride]
+    if missing:
+        raise ConfigError(f"backbone {backbone_name} has no stage at stride {missing} in timm's feature_info; pass "
+                          "--layers with module names")
+    return [by_stride[stride] for stride in (8, 16, 32)]
+
+
+def _check_scoring_stages(scoring: str, layers: list[str]) -> None:
+    """A --scoring rule may name only stages that --layers extracts (checked here for --layers auto)."""
+    if scoring == "auto":
+        return
+    from anomaly_map import ScoringRule
+
+    extra = [stage for stage in ScoringRule.parse(scoring).stages if stage not in layers]
+    if extra:
+        raise ConfigError(f"--scoring names stages {extra} that --layers ({','.join(layers)}) does not extract")
+
+
 class _FeatureHead(nn.Module):
     """Backbone forward → a tuple of feature tensors, in the order of ``names``.
 
@@ -315,9 +346,12 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         import timm
 
-        self.layers = config.layer_list() if config.method == "cflow" else []
         backbone, self.weights_source = build_backbone(config.backbone, config.weights)
         self.is_vit = _is_vision_transformer(config.backbone)
+        self.layers = []
+        if config.method == "cflow":
+            self.layers = cflow_layer_names(config.layers, backbone, self.is_vit, config.backbone)
+            _check_scoring_stages(config.scoring, self.layers)
         if self.is_vit:
             _check_patch_multiple(config.img_size, backbone.patch_embed.patch_size[0], config.backbone)
         data_config = timm.data.resolve_data_config({}, model=backbone)
@@ -406,7 +440,7 @@ def cache_folder(config: Config) -> Path:
     weights file's hash, the image list and the shapes are checked per unit inside."""
     weights_tag = "default" if config.weights == "default" else Path(config.weights).stem or config.weights
     if config.method == "cflow":
-        what = "+".join(config.layer_list())
+        what = "+".join(config.layer_list()) or "auto"
     else:
         what = f"g{config.patch_grid}-t{config.texture_layers.replace(',', '+')}"
     name = f"{config.backbone}-{weights_tag}-{config.img_size}px-{what}".replace("/", "_")

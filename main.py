@@ -222,7 +222,9 @@ def run(config: Config) -> dict[str, Any]:
              if config.val_fraction > 0 else "val_fraction 0: every normal training image is fitted; the last epoch is "
                                              "kept and the threshold comes from the fit images' scores (optimistic)"}
     if config.method == "cflow":
-        notes.update(map_normalization=config.map_norm, map_normalization_note=MAP_NORM_NOTES[config.map_norm])
+        notes.update(stages=extractor.layers, map_normalization=config.map_norm,
+                     map_normalization_note=MAP_NORM_NOTES[config.map_norm])
+        print(f"CFLOW stages: {', '.join(extractor.layers)} (--layers {config.layers})")
     per_class: dict[str, dict[str, Any]] = {}
     score_rows: list[tuple[str, str, int, float]] = []
     wall = {"features": 0.0, "methods": 0.0}

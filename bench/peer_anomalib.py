@@ -157,7 +157,7 @@ def build_anomalib_cflow(config: Config) -> Any:
     from anomalib.pre_processing import PreProcessor
 
     transform, reference = anomalib_transform(config)
-    model = Cflow(backbone=config.backbone.split(".")[0], layers=config.layer_list(), pre_trained=False,
+    model = Cflow(backbone=config.backbone.split(".")[0], layers=reference.layers, pre_trained=False,
                   fiber_batch_size=ANOMALIB_FIBER_BATCH, condition_vector=config.condition_dims,
                   coupling_blocks=config.n_flow_layers, clamp_alpha=config.clamp, permute_soft=config.permute_soft,
                   lr=ANOMALIB_LR, pre_processor=PreProcessor(transform=transform), post_processor=False,

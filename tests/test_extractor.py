@@ -46,6 +46,20 @@ def test_unknown_backbone_and_layer_are_config_errors():
         FeatureExtractor(make_config("demo", method="cflow", layers="blocks.99", weights="none"))
 
 
+@pytest.mark.parametrize("backbone, expected", [("tf_efficientnet_lite0", ["blocks.2", "blocks.4", "blocks.6"]),
+                                                ("resnet18", ["layer2", "layer3", "layer4"])])
+def test_cflow_layers_auto_are_a_cnns_stages_at_strides_8_16_32(backbone, expected):
+    cflow = FeatureExtractor(make_config("demo", method="cflow", backbone=backbone, weights="none", img_size=64))
+    assert cflow.layers == expected  # the paper's layer2-4 of a ResNet
+    features = cflow(torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8))
+    assert [features[name].shape[-1] for name in expected] == [64 // 8, 64 // 16, 64 // 32]
+
+
+def test_a_scoring_rule_on_a_stage_that_layers_auto_does_not_extract_is_refused_before_training():
+    with pytest.raises(ConfigError, match=r"names stages \['blocks.1'\] that --layers \(blocks.2,blocks.4,blocks.6\)"):
+        FeatureExtractor(make_config("demo", method="cflow", weights="none", scoring="z/max@blocks.1+blocks.4"))
+
+
 def test_traced_graph_matches_the_eager_backbone_for_any_batch(demo_extractor):
     images = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8)
     traced = demo_extractor(images)

@@ -40,6 +40,11 @@ def test_cflow_stages_of_a_vit_are_its_blocks_patch_tokens_as_maps():
         assert torch.allclose(features[name], expected, atol=2e-3, rtol=2e-3)  # float16 values
 
 
+def test_cflow_layers_auto_of_a_vit_are_its_blocks_at_thirds_of_its_depth():
+    extractor = FeatureExtractor(make_config("demo", method="cflow", backbone=VIT, weights="none", img_size=56))
+    assert len(extractor.head.backbone.blocks) == 12 and extractor.layers == ["blocks.3", "blocks.7", "blocks.11"]
+
+
 def _reference_dinov2(weights_path) -> torch.nn.Module:
     """The checkpoint loaded the way its provenance note says (METHOD.md section 5), without the project's code."""
     import timm
