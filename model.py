@@ -694,36 +694,57 @@ class SANFDetector(_TokenDetector):
         super().__init__(config, extractor)
         self.model: SANFModel | None = None
 
-    def _build(self, dim: int, n_tokens: int, texture_dim: int) -> None:
+    def _build(self, dim: int, n_tokens: int, texture_dim: int, context: str) -> None:
         config = self.config
         try:  # seeded here: the subnets' initial weights do not depend on which classes ran before
             with _seeded_cpu_rngs(config.seed):
                 model = SANFModel(dim, n_tokens, n_layers=config.n_flow_layers, hidden=config.hidden,
-                                  heads=config.heads, clamp=config.clamp, context=config.caff_context,
+                                  heads=config.heads, clamp=config.clamp, context=context,
                                   fusion=config.fusion == "caff", seed=config.seed, token_dim=config.token_dim,
                                   texture_dim=texture_dim, flow_channels=config.flow_channels)
         except ValueError as error:  # shapes that do not fit the flow's settings (heads, token_dim)
             raise ConfigError(str(error)) from None
         self.model = model.to(config.device)
 
+    def contexts(self, dim: int, texture_dim: int) -> list[str]:
+        """The CAFF readings to train: the asked one, or for ``auto`` both where the texture tokens are as wide as
+        the semantic token (the held-out NLL then chooses) and the paper's ``full`` where they are not."""
+        if self.config.caff_context != "auto":
+            return [self.config.caff_context]
+        return ["half", "full"] if texture_dim == dim and self.config.fusion == "caff" else ["full"]
+
     def _fit(self, fit: TokenFeatures, held_out: TokenFeatures | None, name: str,
              held_out_images: ImageList | None = None) -> dict[str, Any]:
         tokens = self.normalised(fit)
-        self._build(tokens["sem"].shape[1], tokens["patches"].shape[1], tokens["patches"].shape[2])
-        self.model.fit_preprocessing(tokens["sem"], tokens["patches"])
+        (_, dim), (_, n_tokens, texture_dim) = tokens["sem"].shape, tokens["patches"].shape
         held = None if held_out is None or self.count(held_out) == 0 else self.normalised(held_out)
-        info = train_sanf(self.model, tokens, held, self.config, name)
-        return {**info, "parameters": sum(p.numel() for p in self.model.flow.parameters())}
+        contexts = self.contexts(dim, texture_dim)
+        if len(contexts) > 1 and held is None:
+            raise TrainingError(f"--caff_context auto chooses between {' and '.join(contexts)} on held-out normal "
+                                f"training images, and '{name}' has none: raise --val_fraction or name the context")
+        trained: dict[str, tuple[SANFModel, dict[str, Any]]] = {}
+        for context in contexts:
+            self._build(dim, n_tokens, texture_dim, context)
+            self.model.fit_preprocessing(tokens["sem"], tokens["patches"])
+            trained[context] = self.model, train_sanf(self.model, tokens, held, self.config, f"{name} ({context})")
+        chosen = min(contexts, key=lambda context: trained[context][1]["held_out_nll"])
+        self.model, info = trained[chosen]
+        if len(contexts) > 1:
+            info = {**info, "caff_context_chosen": chosen,
+                    "caff_context_held_out_nll": {context: trained[context][1]["held_out_nll"] for context in contexts},
+                    "caff_context_curves": {context: trained[context][1]["curve"] for context in contexts}}
+        return {**info, "caff_context": chosen, "parameters": sum(p.numel() for p in self.model.flow.parameters())}
 
     def _score_tokens(self, tokens: TokenFeatures) -> Tensor:
         return self.model.anomaly_score(tokens["sem"], tokens["patches"], self.config.score)
 
     def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         return self.model.state_dict(), {"dim": self.model.mean.numel(), "n_tokens": self.model.n_tokens,
-                                         "texture_dim": self.model.texture_dim}
+                                         "texture_dim": self.model.texture_dim, "caff_context": self.model.context}
 
     def _restore(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-        self._build(meta["dim"], meta["n_tokens"], meta["texture_dim"])
+        # checkpoints from before --caff_context auto name their reading in their settings only
+        self._build(meta["dim"], meta["n_tokens"], meta["texture_dim"], meta.get("caff_context", self.config.caff_context))
         self.model.load_state_dict(tensors, strict=True)
         self.model.eval()
 

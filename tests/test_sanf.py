@@ -10,11 +10,11 @@ import pytest
 import torch
 from sklearn.covariance import LedoitWolf
 
-from config import make_config
+from config import ConfigError, make_config
 from conftest import kept_the_best_measurement, not_below_baseline
 from datasets import load_tasks
 from main import run
-from model import GaussianDetector, SANFDetector, SANFModel, normalise_tokens
+from model import GaussianDetector, SANFDetector, SANFModel, load_detector, normalise_tokens
 from train import ModuleWeights, TrainingError, keep_best_epoch, train_sanf
 
 ROOT = __import__("conftest").ROOT
@@ -352,3 +352,47 @@ def test_pca_whitening_keeps_the_leading_principal_axes():
     whitening = model.whitening.numpy()
     np.testing.assert_allclose(np.abs(whitening.T @ leading / np.linalg.norm(leading, axis=0) ** 2), np.eye(8),
                                atol=1e-6)
+
+
+AUTO_SETTINGS = dict(epochs=3, batch_size=50, lr=1e-3, hidden=8, heads=2, n_flow_layers=2, token_norm="none")
+
+
+def _fitted(context: str, fit: dict, held: dict) -> SANFDetector:
+    detector = SANFDetector(make_config("demo", caff_context=context, **AUTO_SETTINGS))
+    detector.fit(fit, held, "toy")
+    return detector
+
+
+def test_caff_context_auto_keeps_the_reading_with_the_lower_held_out_nll_and_its_checkpoint_scores_alike(tmp_path):
+    semantic, patches = correlated_tokens(300)  # texture tokens as wide as the semantic token: both readings apply
+    fit = {"sem": semantic[:250].float(), "patches": patches[:250].float()}
+    held = {"sem": semantic[250:].float(), "patches": patches[250:].float()}
+    test_semantic, test_patches = correlated_tokens(40, seed=1)
+    test = {"sem": test_semantic.float(), "patches": test_patches.float()}
+    alone = {context: _fitted(context, fit, held) for context in ("half", "full")}  # each reading trained by itself
+    nll = {context: detector.info["held_out_nll"] for context, detector in alone.items()}
+    assert abs(nll["half"] - nll["full"]) > 1e-3  # the two readings train to different densities
+    chosen = min(nll, key=nll.get)
+    auto = _fitted("auto", fit, held)
+    assert auto.info["caff_context_chosen"] == auto.info["caff_context"] == chosen
+    assert auto.info["caff_context_held_out_nll"] == pytest.approx(nll)
+    expected = alone[chosen].score(test)[0]
+    assert np.allclose(auto.score(test)[0], expected, atol=1e-6)
+    assert auto.threshold == pytest.approx(alone[chosen].threshold)
+    auto.save(tmp_path / "auto.pt")
+    assert np.allclose(load_detector(tmp_path / "auto.pt").score(test)[0], expected, atol=1e-6)
+
+
+def test_caff_context_auto_trains_only_the_papers_reading_where_the_widths_differ():
+    semantic, patches = correlated_tokens(300)
+    narrow = patches[..., :8]  # an intermediate stage's width: the channel-half reading cannot apply
+    fit = {"sem": semantic[:250].float(), "patches": narrow[:250].float()}
+    held = {"sem": semantic[250:].float(), "patches": narrow[250:].float()}
+    auto, full = _fitted("auto", fit, held), _fitted("full", fit, held)
+    assert auto.info["caff_context"] == "full" and "caff_context_chosen" not in auto.info
+    assert np.allclose(auto.score(held)[0], full.score(held)[0], atol=1e-6)
+
+
+def test_caff_context_auto_without_held_out_images_is_refused():
+    with pytest.raises(ConfigError, match="--val_fraction > 0"):
+        make_config("demo", caff_context="auto", val_fraction=0.0)
