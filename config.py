@@ -88,11 +88,12 @@ class Config:
     # SANF flow
     fusion: str = _opt("sanf", "caff", "caff: class-attention feature fusion in every coupling; none: MLP-only "
                        "ablation", ("caff", "none"))
-    caff_context: str = _opt("sanf", "full", "full: keys/values from all texture-token channels through a context "
+    caff_context: str = _opt("sanf", "auto", "full: keys/values from all texture-token channels through a context "
                              "projection, any texture width (paper's Eq. 6-11); half: the texture-token channel half "
                              "that follows the flow's permutation (public code; texture tokens as wide as the "
-                             "semantic token); auto: where the widths match, train both and keep the one with the "
-                             "lower held-out NLL (normal training images only), else full", ("full", "half", "auto"))
+                             "semantic token); auto: where the widths match (a ViT's final tokens) and images are held out, "
+                             "train both and keep the one with the lower held-out NLL of normal training images (a tie "
+                             "keeps full); otherwise full (a CNN's texture stage, or val_fraction 0)", ("full", "half", "auto"))
     token_dim: int = _opt("sanf", 0, "channels the flow works on; the tokens are projected on the first token_dim "
                           "principal axes of the normal training tokens (0 = all D channels, as the paper)")
     flow_channels: int = _opt("sanf", 0, "the flow transforms the first flow_channels principal axes of the whitened "
@@ -319,9 +320,6 @@ def validate(config: Config) -> None:
         raise ConfigError(f"gaussian_shrinkage must lie in [0, 1], got {config.gaussian_shrinkage}")
     if not config.val_fraction <= 0.5:
         raise ConfigError(f"val_fraction must lie in [0, 0.5], got {config.val_fraction}")
-    if config.caff_context == "auto" and config.val_fraction == 0:
-        raise ConfigError("--caff_context auto chooses on held-out normal training images: use --val_fraction > 0 "
-                          "or name the context (full or half)")
     if not 0 < config.threshold_fpr < 1:
         raise ConfigError(f"threshold_fpr must lie in (0, 1), got {config.threshold_fpr}")
     if config.condition_dims % 4:

@@ -706,28 +706,26 @@ class SANFDetector(_TokenDetector):
             raise ConfigError(str(error)) from None
         self.model = model.to(config.device)
 
-    def contexts(self, dim: int, texture_dim: int) -> list[str]:
+    def contexts(self, dim: int, texture_dim: int, held_out: bool) -> list[str]:
         """The CAFF readings to train: the asked one, or for ``auto`` both where the texture tokens are as wide as
-        the semantic token (the held-out NLL then chooses) and the paper's ``full`` where they are not."""
+        the semantic token and images are held out (their NLL then chooses), else the paper's ``full``."""
         if self.config.caff_context != "auto":
             return [self.config.caff_context]
-        return ["half", "full"] if texture_dim == dim and self.config.fusion == "caff" else ["full"]
+        both = texture_dim == dim and self.config.fusion == "caff" and held_out
+        return ["full", "half"] if both else ["full"]
 
     def _fit(self, fit: TokenFeatures, held_out: TokenFeatures | None, name: str,
              held_out_images: ImageList | None = None) -> dict[str, Any]:
         tokens = self.normalised(fit)
         (_, dim), (_, n_tokens, texture_dim) = tokens["sem"].shape, tokens["patches"].shape
         held = None if held_out is None or self.count(held_out) == 0 else self.normalised(held_out)
-        contexts = self.contexts(dim, texture_dim)
-        if len(contexts) > 1 and held is None:
-            raise TrainingError(f"--caff_context auto chooses between {' and '.join(contexts)} on held-out normal "
-                                f"training images, and '{name}' has none: raise --val_fraction or name the context")
+        contexts = self.contexts(dim, texture_dim, held is not None)
         trained: dict[str, tuple[SANFModel, dict[str, Any]]] = {}
         for context in contexts:
             self._build(dim, n_tokens, texture_dim, context)
             self.model.fit_preprocessing(tokens["sem"], tokens["patches"])
             trained[context] = self.model, train_sanf(self.model, tokens, held, self.config, f"{name} ({context})")
-        chosen = min(contexts, key=lambda context: trained[context][1]["held_out_nll"])
+        chosen = min(contexts, key=lambda context: trained[context][1]["held_out_nll"])  # a tie keeps the paper's
         self.model, info = trained[chosen]
         if len(contexts) > 1:
             info = {**info, "caff_context_chosen": chosen,
