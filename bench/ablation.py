@@ -34,7 +34,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "gaussian": ("Gaussian (Ledoit-Wolf)", {"method": "gaussian"}),
     "knn": ("kNN (k=2, cosine)", {"method": "knn"}),
     "none": ("SANF, no CAFF", {"method": "sanf", "fusion": "none"}),
-    "caff_last": ("SANF, CAFF over the last stage", {"method": "sanf", "fusion": "caff", "texture_layers": "last"}),
+    "caff_last": ("SANF, CAFF over the last stage", {"method": "sanf", "fusion": "caff", "texture_layers": "last",
+                                                      "caff_context": "full"}),
     "caff_texture": ("SANF, CAFF over texture tokens (stride 16)",
                      {"method": "sanf", "fusion": "caff", "texture_layers": "auto"}),
 }
