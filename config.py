@@ -91,9 +91,10 @@ class Config:
     caff_context: str = _opt("sanf", "auto", "full: keys/values from all texture-token channels through a context "
                              "projection, any texture width (paper's Eq. 6-11); half: the texture-token channel half "
                              "that follows the flow's permutation (public code; texture tokens as wide as the "
-                             "semantic token); auto: where the widths match (a ViT's final tokens) and images are held out, "
-                             "train both and keep the one with the lower held-out NLL of normal training images (a tie "
-                             "keeps full); otherwise full (a CNN's texture stage, or val_fraction 0)", ("full", "half", "auto"))
+                             "semantic token); auto: where the widths match (a ViT's final tokens) and images are "
+                             "held out, train both and keep the one with the lower held-out NLL of normal training "
+                             "images (a tie keeps full); otherwise full (a CNN's texture stage, or val_fraction 0)",
+                             ("full", "half", "auto"))
     token_dim: int = _opt("sanf", 0, "channels the flow works on; the tokens are projected on the first token_dim "
                           "principal axes of the normal training tokens (0 = all D channels, as the paper)")
     flow_channels: int = _opt("sanf", 0, "the flow transforms the first flow_channels principal axes of the whitened "
@@ -333,16 +334,25 @@ def validate(config: Config) -> None:
                           "with --method cflow, --cache and --device cpu, or drop it")
     if config.method == "cflow" and not config.layer_list() and config.layers.strip() != "auto":
         raise ConfigError("method=cflow needs --layers: backbone module names, comma-separated, or auto")
-    if config.scoring != "auto":
-        from anomaly_map import ScoringRule  # torch-free parsing would duplicate the rule's grammar
+    if config.method == "cflow" and config.layer_list():  # --layers auto: checked once the extractor resolves it
+        check_scoring_stages(config.scoring, config.layer_list())
+    elif config.scoring != "auto":
+        check_scoring_stages(config.scoring, None)
 
-        try:
-            rule = ScoringRule.parse(config.scoring)
-        except ValueError as error:
-            raise ConfigError(f"--scoring: {error}") from None
-        extra = [stage for stage in rule.stages if stage not in config.layer_list()]
-        if config.method == "cflow" and config.layer_list() and extra:
-            raise ConfigError(f"--scoring names stages {extra} that --layers ({config.layers}) does not extract")
+
+def check_scoring_stages(scoring: str, layers: list[str] | None) -> None:
+    """--scoring parses and names only stages that ``layers`` extracts (None: any); raises ConfigError."""
+    if scoring == "auto":
+        return
+    from anomaly_map import ScoringRule  # torch-free parsing would duplicate the rule's grammar
+
+    try:
+        rule = ScoringRule.parse(scoring)
+    except ValueError as error:
+        raise ConfigError(f"--scoring: {error}") from None
+    extra = [stage for stage in rule.stages if layers is not None and stage not in layers]
+    if extra:
+        raise ConfigError(f"--scoring names stages {extra} that --layers ({','.join(layers)}) does not extract")
 
 
 def _read_config_file(path: str) -> dict[str, Any]:

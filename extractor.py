@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from config import Config, ConfigError, describe, parse_args
+from config import Config, ConfigError, check_scoring_stages, describe, parse_args
 from datasets import DataError, ImageList, Task, dataset_identity, load_tasks
 from utils import atomic_write_json, configure_torch, fsync_path, run_cli
 
@@ -261,17 +261,6 @@ def cflow_layer_names(spec: str, backbone: nn.Module, is_vit: bool, backbone_nam
     return [by_stride[stride] for stride in (8, 16, 32)]
 
 
-def _check_scoring_stages(scoring: str, layers: list[str]) -> None:
-    """A --scoring rule may name only stages that --layers extracts (checked here for --layers auto)."""
-    if scoring == "auto":
-        return
-    from anomaly_map import ScoringRule
-
-    extra = [stage for stage in ScoringRule.parse(scoring).stages if stage not in layers]
-    if extra:
-        raise ConfigError(f"--scoring names stages {extra} that --layers ({','.join(layers)}) does not extract")
-
-
 class _FeatureHead(nn.Module):
     """Backbone forward → a tuple of feature tensors, in the order of ``names``.
 
@@ -351,7 +340,7 @@ class FeatureExtractor(nn.Module):
         self.layers = []
         if config.method == "cflow":
             self.layers = cflow_layer_names(config.layers, backbone, self.is_vit, config.backbone)
-            _check_scoring_stages(config.scoring, self.layers)
+            check_scoring_stages(config.scoring, self.layers)
         if self.is_vit:
             _check_patch_multiple(config.img_size, backbone.patch_embed.patch_size[0], config.backbone)
         data_config = timm.data.resolve_data_config({}, model=backbone)

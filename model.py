@@ -742,7 +742,8 @@ class SANFDetector(_TokenDetector):
 
     def _restore(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         # checkpoints from before --caff_context auto name their reading in their settings only
-        self._build(meta["dim"], meta["n_tokens"], meta["texture_dim"], meta.get("caff_context", self.config.caff_context))
+        context = meta.get("caff_context", self.config.caff_context)
+        self._build(meta["dim"], meta["n_tokens"], meta["texture_dim"], context)
         self.model.load_state_dict(tensors, strict=True)
         self.model.eval()
 
