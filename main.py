@@ -187,6 +187,9 @@ def _task_line(name: str, metrics: dict[str, Any]) -> str:
              if key in metrics]
     parts.append(f"kept epoch {metrics['kept_epoch']}" if "kept_epoch" in metrics else "")
     parts.append(f"scoring rule {metrics['scoring_rule']}" if "scoring_rule" in metrics else "")
+    if "caff_context_chosen" in metrics:
+        nll = ", ".join(f"{context} {value:.4f}" for context, value in metrics["caff_context_held_out_nll"].items())
+        parts.append(f"CAFF context {metrics['caff_context_chosen']} (held-out NLL {nll})")
     parts.append(f"fit {metrics['fit_seconds']:.1f} s, score {metrics['score_seconds']:.1f} s")
     parts.append(f"{100 * metrics['test_flagged_fraction']:.1f}% of test images above the threshold")
     return f"{name}: " + ", ".join(p for p in parts if p) + (f" ({metrics['note']})" if "note" in metrics else "")

@@ -393,3 +393,13 @@ def test_caff_context_auto_trains_only_the_papers_reading_where_it_cannot_choose
     auto, full = _fitted("auto", fit, held), _fitted("full", fit, held)
     assert auto.info["caff_context"] == "full" and "caff_context_chosen" not in auto.info
     assert np.allclose(auto.score(fit)[0], full.score(fit)[0], atol=1e-6)
+
+
+def test_the_task_line_names_the_caff_context_auto_kept_and_both_held_out_nlls():
+    from main import _task_line
+
+    metrics = {"image_auroc": 0.845, "kept_epoch": 3, "caff_context": "half", "caff_context_chosen": "half",
+               "caff_context_held_out_nll": {"full": 0.4518, "half": 0.3366}, "fit_seconds": 9.0,
+               "score_seconds": 0.1, "test_flagged_fraction": 0.26}
+    line = _task_line("magnetic_tile", metrics)
+    assert "CAFF context half (held-out NLL full 0.4518, half 0.3366)" in line and "kept epoch 3" in line
