@@ -58,6 +58,7 @@ def test_bottle_trains_scores_localises_and_rescores_from_its_checkpoint(tmp_pat
     assert folder.name.startswith("mvtec-") and folder.name.endswith("-tf_efficientnet_lite0-cflow")
     saved = json.loads((folder / "results.json").read_text())
     assert saved["complete"] and saved["map_normalization"] == "train"
+    assert saved["stages"] == ["blocks.2", "blocks.4", "blocks.6"]
     assert "no epoch, threshold or setting was selected on the test set" in saved["selection"]
     assert saved["mean"]["pixel_auroc"] == metrics["pixel_auroc"]
     table = (folder / "results.md").read_text().splitlines()
