@@ -424,12 +424,13 @@ def image_batches(images: ImageList, config: Config, start: int = 0,
 # ----------------------------------------------------------------------------- cache
 
 
-def cache_folder(config: Config) -> Path:
+def cache_folder(config: Config, layers: list[str] | None = None) -> Path:
     """One folder per dataset (its resolved root, ``datasets.dataset_identity``) and feature setting; the
-    weights file's hash, the image list and the shapes are checked per unit inside."""
+    weights file's hash, the image list and the shapes are checked per unit inside. ``layers``: CFLOW's stages
+    as the extractor resolved them, so that ``--layers auto`` shares the folder of the same names given."""
     weights_tag = "default" if config.weights == "default" else Path(config.weights).stem or config.weights
     if config.method == "cflow":
-        what = "+".join(config.layer_list()) or "auto"
+        what = "+".join(layers or config.layer_list()) or "auto"
     else:
         what = f"g{config.patch_grid}-t{config.texture_layers.replace(',', '+')}"
     name = f"{config.backbone}-{weights_tag}-{config.img_size}px-{what}".replace("/", "_")
@@ -667,7 +668,7 @@ def cached_features(extractor: FeatureExtractor, images: ImageList, key: str, co
                     desc: str | None = None) -> dict[str, np.ndarray]:
     """The features of ``images`` from the cache unit ``key``, extracted first (holding the unit's lock) where
     missing, incomplete, or stale with ``refresh_cache``."""
-    stem = cache_folder(config) / key
+    stem = cache_folder(config, extractor.layers) / key
     expected = unit_metadata(extractor, config, images)
     try:
         arrays = read_unit(stem, expected)
@@ -694,7 +695,8 @@ def extract_all(config: Config) -> FeatureExtractor:
     print(f"backbone {config.backbone}, weights {extractor.weights_source}")
     for task in load_tasks(config):
         task_features(extractor, task, config)
-    print(f"cache: {cache_folder(config)} ({folder_bytes(cache_folder(config)) / 1e6:.1f} MB)")
+    folder = cache_folder(config, extractor.layers)
+    print(f"cache: {folder} ({folder_bytes(folder) / 1e6:.1f} MB)")
     return extractor
 
 

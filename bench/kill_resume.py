@@ -102,7 +102,7 @@ def worker(config_args: list[str], ready: Path, target: str, kill_call: int, kil
     tasks = load_tasks(config)
     for size in ((1, config.extract_batch_size) * 2 if warm_up else ()):  # the probe's and the batches' shapes
         features(torch.zeros(size, 3, config.img_size, config.img_size, dtype=torch.uint8))
-    folder = extractor.cache_folder(config).relative_to(config.cache_dir)
+    folder = extractor.cache_folder(config, features.layers).relative_to(config.cache_dir)
     order = list(dict.fromkeys(str(folder / f"{key}.json") for task in tasks
                                for key in (task.train_key, task.test_key)))
     counts: dict[str, list[int]] = {name: [] for name in (*TARGETS, "json")}

@@ -220,3 +220,9 @@ def test_batches_decoded_on_threads_equal_one_image_at_a_time_in_order(tmp_path)
             assert torch.equal(torch.cat(batches), torch.stack(expected[1:]))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_cflow_layers_auto_shares_the_cache_folder_of_the_stages_it_resolves_to(tmp_path):
+    named = make_config("demo", method="cflow", layers="blocks.2,blocks.4,blocks.6", cache_dir=str(tmp_path))
+    auto = make_config("demo", method="cflow", cache_dir=str(tmp_path))
+    assert auto.layers == "auto" and cache_folder(auto, FeatureExtractor(auto).layers) == cache_folder(named)
