@@ -91,9 +91,10 @@ class Config:
     caff_context: str = _opt("sanf", "auto", "full: keys/values from all texture-token channels through a context "
                              "projection, any texture width (paper's Eq. 6-11); half: the texture-token channel half "
                              "that follows the flow's permutation (public code; texture tokens as wide as the "
-                             "semantic token); auto: where the widths match (a ViT's final tokens) and images are "
-                             "held out, train both and keep the one with the lower held-out NLL of normal training "
-                             "images (a tie keeps full); otherwise full (a CNN's texture stage, or val_fraction 0)",
+                             "semantic token); auto: where the widths match (a ViT's final tokens, a CNN's --texture_layers "
+                             "last) and images are held out, train both and keep the one with the lower held-out NLL "
+                             "of normal training images (a tie keeps full); otherwise full (a CNN's texture stage, "
+                             "or val_fraction 0); unused with --fusion none",
                              ("full", "half", "auto"))
     token_dim: int = _opt("sanf", 0, "channels the flow works on; the tokens are projected on the first token_dim "
                           "principal axes of the normal training tokens (0 = all D channels, as the paper)")

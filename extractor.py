@@ -241,22 +241,25 @@ def texture_layer_names(spec: str, backbone: nn.Module, is_vit: bool, backbone_n
     return stages[-1:]
 
 
-def cflow_layer_names(spec: str, backbone: nn.Module, is_vit: bool, backbone_name: str) -> list[str]:
+def cflow_layer_names(config: Config, backbone: nn.Module, is_vit: bool) -> list[str]:
     """CFLOW's stages: the names in ``spec``, or for ``auto`` three stages from coarse texture to semantics.
 
     A CNN: the last module at each of the strides 8, 16 and 32 in timm's ``feature_info`` (the paper's
     layer2-4 of a WideResNet; EfficientNet-Lite0 blocks.2, blocks.4, blocks.6). A ViT has one stride, so its
     blocks at a third, two thirds and the end of its depth (12 blocks: blocks.3, blocks.7, blocks.11).
     """
-    if spec.strip() != "auto":
-        return [name.strip() for name in spec.split(",") if name.strip()]
+    if config.layer_list():
+        return config.layer_list()
     if is_vit:
         depth = len(backbone.blocks)
+        if depth < 3:
+            raise ConfigError(f"backbone {config.backbone} has {depth} block(s), fewer than the three stages --layers "
+                              "auto takes; pass --layers with block names")
         return [f"blocks.{round(depth * part / 3) - 1}" for part in (1, 2, 3)]
     by_stride = {info["reduction"]: info["module"] for info in getattr(backbone, "feature_info", [])}
     missing = [stride for stride in (8, 16, 32) if stride not in by_stride]
     if missing:
-        raise ConfigError(f"backbone {backbone_name} has no stage at stride {missing} in timm's feature_info; pass "
+        raise ConfigError(f"backbone {config.backbone} has no stage at stride {missing} in timm's feature_info; pass "
                           "--layers with module names")
     return [by_stride[stride] for stride in (8, 16, 32)]
 
@@ -339,8 +342,9 @@ class FeatureExtractor(nn.Module):
         self.is_vit = _is_vision_transformer(config.backbone)
         self.layers = []
         if config.method == "cflow":
-            self.layers = cflow_layer_names(config.layers, backbone, self.is_vit, config.backbone)
-            check_scoring_stages(config.scoring, self.layers)
+            self.layers = cflow_layer_names(config, backbone, self.is_vit)
+            if not config.layer_list():  # named stages were checked with the settings (config.validate)
+                check_scoring_stages(config.scoring, self.layers)
         if self.is_vit:
             _check_patch_multiple(config.img_size, backbone.patch_embed.patch_size[0], config.backbone)
         data_config = timm.data.resolve_data_config({}, model=backbone)
@@ -430,7 +434,10 @@ def cache_folder(config: Config, layers: list[str] | None = None) -> Path:
     as the extractor resolved them, so that ``--layers auto`` shares the folder of the same names given."""
     weights_tag = "default" if config.weights == "default" else Path(config.weights).stem or config.weights
     if config.method == "cflow":
-        what = "+".join(layers or config.layer_list()) or "auto"
+        stages = layers or config.layer_list()
+        if not stages:
+            raise ValueError("cache_folder needs the stages that --layers auto resolved to (FeatureExtractor.layers)")
+        what = "+".join(stages)
     else:
         what = f"g{config.patch_grid}-t{config.texture_layers.replace(',', '+')}"
     name = f"{config.backbone}-{weights_tag}-{config.img_size}px-{what}".replace("/", "_")

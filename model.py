@@ -548,9 +548,13 @@ class Detector:
                 raise DetectorError(f"the detector was trained on backbone weights {self.weights_source}, but "
                                     f"--weights {self.config.weights} gives {extractor.weights_source}; pass the "
                                     "weights file it was trained with")
+            self.check_stages(extractor)
             self._extractor = extractor
             self.weights_source = extractor.weights_source
         return self._extractor
+
+    def check_stages(self, extractor: FeatureExtractor) -> None:
+        """Refuse a backbone whose stages are not the ones the detector was trained on (CFLOW)."""
 
     def fit(self, fit: Any, held_out: Any | None, name: str,
             held_out_images: ImageList | None = None) -> dict[str, Any]:
@@ -706,7 +710,7 @@ class SANFDetector(_TokenDetector):
             raise ConfigError(str(error)) from None
         self.model = model.to(config.device)
 
-    def contexts(self, dim: int, texture_dim: int, held_out: bool) -> list[str]:
+    def _readings_to_train(self, dim: int, texture_dim: int, held_out: bool) -> list[str]:
         """The CAFF readings to train: the asked one, or for ``auto`` both where the texture tokens are as wide as
         the semantic token and images are held out (their NLL then chooses), else the paper's ``full``."""
         if self.config.caff_context != "auto":
@@ -719,13 +723,19 @@ class SANFDetector(_TokenDetector):
         tokens = self.normalised(fit)
         (_, dim), (_, n_tokens, texture_dim) = tokens["sem"].shape, tokens["patches"].shape
         held = None if held_out is None or self.count(held_out) == 0 else self.normalised(held_out)
-        contexts = self.contexts(dim, texture_dim, held is not None)
+        contexts = self._readings_to_train(dim, texture_dim, held is not None)
         trained: dict[str, tuple[SANFModel, dict[str, Any]]] = {}
         for context in contexts:
             self._build(dim, n_tokens, texture_dim, context)
             self.model.fit_preprocessing(tokens["sem"], tokens["patches"])
-            trained[context] = self.model, train_sanf(self.model, tokens, held, self.config, f"{name} ({context})")
-        chosen = min(contexts, key=lambda context: trained[context][1]["held_out_nll"])  # a tie keeps the paper's
+            label = f"{name} ({context})" if len(contexts) > 1 else name
+            trained[context] = self.model, train_sanf(self.model, tokens, held, self.config, label)
+
+        def held_out_nll(context: str) -> float:  # a tie keeps the paper's reading, listed first; NaN never wins
+            value = trained[context][1]["held_out_nll"]
+            return value if math.isfinite(value) else math.inf
+
+        chosen = min(contexts, key=held_out_nll)
         self.model, info = trained[chosen]
         if len(contexts) > 1:
             info = {**info, "caff_context_chosen": chosen,
@@ -888,6 +898,12 @@ class CFlowDetector(Detector):
         return self.model.state_dict(), {"stage_channels": self.model.stage_channels, "statistics": self.statistics,
                                          "rule": str(self.rule)}
 
+    def check_stages(self, extractor: FeatureExtractor) -> None:
+        if self.model is not None and list(self.model.stage_names) != extractor.layers:
+            raise DetectorError(f"the detector was trained on the stages {','.join(self.model.stage_names)}, but "
+                                f"--layers {self.config.layers} gives {','.join(extractor.layers)}; pass --layers "
+                                f"{','.join(self.model.stage_names)}")
+
     def _restore(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         self.build(meta["stage_channels"])
         self.model.load_state_dict(tensors, strict=True)
@@ -960,6 +976,8 @@ def settings_differences(trained: Config, asked: Config, also: tuple[str, ...] =
     """Score-affecting fields (and the fields ``also`` names) whose values differ, as
     ``name (checkpoint X, asked Y)``."""
     names = COMMON_SCORE_FIELDS + SCORE_FIELDS[trained.method] + also
+    if "auto" in (trained.layers, asked.layers):  # the stages auto resolves to are checked by Detector.check_stages
+        names = tuple(name for name in names if name != "layers")
     return [f"{name} (checkpoint {getattr(trained, name)!r}, asked {getattr(asked, name)!r})"
             for name in names if getattr(trained, name) != getattr(asked, name)]
 
@@ -999,4 +1017,6 @@ def load_detector(path: Path | str, config: Config | None = None, extractor: Fea
         detector._restore(saved["state"], meta)
     except (KeyError, RuntimeError) as error:
         raise DetectorError(f"checkpoint {path} does not fit its own settings ({str(error)[:200]}); retrain") from None
+    if extractor is not None:
+        detector.check_stages(extractor)
     return detector

@@ -1,5 +1,6 @@
 """Backbones and the feature cache: weights, traced graph, round trip, resume, staleness."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ from config import ConfigError, make_config
 from datasets import load_tasks
 from extractor import (CacheError, FeatureExtractor, StaleCacheError, WeightsError, build_backbone,
                        cache_folder, cached_features, packaged_weights_file, task_features)
+from model import DetectorError
 
 SMALL = dict(max_train_per_class=12, max_test=20, classes="0", extract_batch_size=4, img_size=64)
 
@@ -226,3 +228,17 @@ def test_cflow_layers_auto_shares_the_cache_folder_of_the_stages_it_resolves_to(
     named = make_config("demo", method="cflow", layers="blocks.2,blocks.4,blocks.6", cache_dir=str(tmp_path))
     auto = make_config("demo", method="cflow", cache_dir=str(tmp_path))
     assert auto.layers == "auto" and cache_folder(auto, FeatureExtractor(auto).layers) == cache_folder(named)
+
+
+def test_a_cflow_detector_refuses_a_backbone_giving_other_stages_and_auto_is_not_a_difference_by_name():
+    from model import CFlowDetector, settings_differences
+
+    trained = make_config("demo", method="cflow", weights="none", img_size=64)
+    detector = CFlowDetector(trained)
+    detector.build({"blocks.2": 40, "blocks.4": 112, "blocks.6": 320})
+    detector.check_stages(FeatureExtractor(trained))  # auto resolves to the stages it was trained on
+    shallow = dataclasses.replace(trained, layers="blocks.1,blocks.2,blocks.4")
+    with pytest.raises(DetectorError, match="pass --layers blocks.2,blocks.4,blocks.6"):
+        detector.check_stages(FeatureExtractor(shallow))
+    named = dataclasses.replace(trained, layers="blocks.2,blocks.4,blocks.6")
+    assert settings_differences(named, trained) == [] and settings_differences(shallow, named) != []
