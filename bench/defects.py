@@ -67,7 +67,7 @@ def ours(config: Config) -> list[dict[str, Any]]:
         masks = load_test_masks(task, config.img_size)
         detector = load_detector(results_folder(config) / "checkpoints" / f"{task.name}.pt", extractor=extractor)
         common = {**{k: metrics[k] for k in ("seconds_per_epoch", "epochs_run", "kept_epoch")},
-                  "peak_rss_gb": peak_memory_gb(metrics)}
+                  "peak_rss_gb": peak_memory_gb(metrics), "stages": extractor.layers}
         rows = [{"row": f"ours, scoring auto (chose {metrics['scoring_rule']})", **common,
                  **{k: metrics[k] for k in METRICS}}]
         for label, norm in (("official", "test"), ("anomalib", "batch")):
@@ -97,8 +97,8 @@ def _cell(row: dict[str, Any], key: str, style: str) -> str:
 
 
 def table(name: str, config: Config, rows: list[dict[str, Any]]) -> str:
-    lines = [f"### {name}: {config.backbone} {config.layers} at {config.img_size} px, {config.epochs} epoch(s) at "
-             "most", "", "| | image AUROC | pixel AUROC | AUPRO@0.3 | train s / epoch | epochs run (kept) | peak memory (GB) |",
+    stages = ",".join(rows[0]["stages"])
+    lines = [f"### {name}: {config.backbone} {stages} at {config.img_size} px, {config.epochs} epoch(s) at most", "", "| | image AUROC | pixel AUROC | AUPRO@0.3 | train s / epoch | epochs run (kept) | peak memory (GB) |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
         epochs = f"{row['epochs_run']} ({row['kept_epoch']})" if "kept_epoch" in row else "-"

@@ -98,7 +98,7 @@ def ours(config: Config, checkpoint: str, origin: str, repeats: int) -> dict[str
         drawn = median_pass([timed(lambda: predict(detector, images, Path(folder) / f"overlays-{index}", batch,
                                                    overlays=True)) for index in range(repeats)])
     return {"plain": plain, "overlays": drawn, "setup_seconds": setup_seconds, "origin": origin,
-            "threads": torch.get_num_threads(), "peak_rss_gb": peak_memory_gb()}
+            "threads": torch.get_num_threads(), "peak_rss_gb": peak_memory_gb(), "stages": detector.extractor.layers}
 
 
 def anomalib_side(config: Config, epochs: int, repeats: int) -> dict[str, Any]:
@@ -190,8 +190,8 @@ def table(peer: dict[str, Any], mine: dict[str, Any]) -> str:
 
 
 def header(config: Config, images: int, peer: dict[str, Any], mine: dict[str, Any]) -> str:
-    return (f"Prediction on {dataset_label(config)}: its {images} test images. {config.backbone} stages {config.layers} "
-            f"at {config.img_size} px, {config.n_flow_layers} coupling blocks per stage, batch size "
+    return (f"Prediction on {dataset_label(config)}: its {images} test images. {config.backbone} stages "
+            f"{','.join(mine['stages'])} at {config.img_size} px, {config.n_flow_layers} coupling blocks per stage, batch size "
             f"{config.test_batch_size}, {config.num_workers} loader workers, device {config.device}; torch threads: "
             f"anomalib {peer['threads']}, ours {mine['threads']}. Ours: {mine['origin']}, map_norm {config.map_norm}. "
             f"anomalib: {peer['origin']}, post-processing and visualiser off. Untimed setup (model, weights, "

@@ -94,7 +94,8 @@ def main() -> None:
                                f"images/s unprofiled: {plain['images_per_second']:.1f}), overlays "
                                f"{'on' if overlays else 'off'}", figures["seconds"], labelled_seconds(prof, "predict."),
                                figures["seconds"] / plain["seconds"]))
-    print(f"\n{torch.get_num_threads()} CPU threads; {config.backbone} stages {config.layers} at {config.img_size} px.")
+    print(f"\n{torch.get_num_threads()} CPU threads; {config.backbone} stages {','.join(extractor.layers)} at "
+          f"{config.img_size} px.")
 
 
 if __name__ == "__main__":
