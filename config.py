@@ -91,10 +91,12 @@ class Config:
     caff_context: str = _opt("sanf", "auto", "full: keys/values from all texture-token channels through a context "
                              "projection, any texture width (paper's Eq. 6-11); half: the texture-token channel half "
                              "that follows the flow's permutation (public code; texture tokens as wide as the "
-                             "semantic token); auto: where the widths match (a ViT's final tokens, a CNN's --texture_layers "
-                             "last) and images are held out, train both and keep the one with the lower held-out NLL "
-                             "of normal training images (a tie keeps full); otherwise full (a CNN's texture stage, "
-                             "or val_fraction 0); unused with --fusion none",
+                             "semantic token); auto: where the texture tokens are as wide as the semantic token (a "
+                             "ViT's final or block tokens, a CNN's --texture_layers last) and images are held out, "
+                             "train both and keep the one with the lower held-out NLL of normal training images (a "
+                             "tie keeps full); otherwise full (a CNN's texture stage, or val_fraction 0); a "
+                             "checkpoint trained with auto accepts auto or the reading it kept; unused with "
+                             "--fusion none",
                              ("full", "half", "auto"))
     token_dim: int = _opt("sanf", 0, "channels the flow works on; the tokens are projected on the first token_dim "
                           "principal axes of the normal training tokens (0 = all D channels, as the paper)")
@@ -190,10 +192,14 @@ class Config:
             return None
         return [name.strip() for name in self.classes.split(",") if name.strip()]
 
+    def layers_auto(self) -> bool:
+        """Whether CFLOW's stages are left to the feature extractor (``--layers auto``)."""
+        return self.layers.strip() == "auto"
+
     def layer_list(self) -> list[str]:
         """The CFLOW backbone stages as named; [] for ``auto``, which the feature extractor resolves from the
         backbone (``FeatureExtractor.layers``)."""
-        if self.layers.strip() == "auto":
+        if self.layers_auto():
             return []
         return [name.strip() for name in self.layers.split(",") if name.strip()]
 
@@ -229,10 +235,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sanf_cifar10": dict(method="sanf", dataset="cifar10"),
     "sanf_cifar10_lite0": dict(method="sanf", dataset="cifar10", backbone="tf_efficientnet_lite0", img_size=224,
                                patch_grid=3, token_norm="power"),
-    "cflow_mvtec": dict(method="cflow", dataset="mvtec", backbone="wide_resnet50_2.tv_in1k",
-                        layers="layer2,layer3,layer4", img_size=256),
-    "cflow_lite0": dict(method="cflow", dataset="mvtec", backbone="tf_efficientnet_lite0",
-                        layers="blocks.2,blocks.4,blocks.6", img_size=256),
+    # CFLOW's stages follow the backbone (--layers auto): layer2-4 of the WideResNet, blocks.2/4/6 of Lite0
+    "cflow_mvtec": dict(method="cflow", dataset="mvtec", backbone="wide_resnet50_2.tv_in1k", img_size=256),
+    "cflow_lite0": dict(method="cflow", dataset="mvtec", backbone="tf_efficientnet_lite0", img_size=256),
 }
 PRESET_NOTES: dict[str, str] = {
     "demo": "offline CPU demo: sklearn digits at 64 px, packaged EfficientNet-Lite0 weights, every digit in turn",
@@ -333,16 +338,18 @@ def validate(config: Config) -> None:
     if config.stage_workers > 1 and (config.method != "cflow" or not config.cache or not on_cpu):
         raise ConfigError("--stage_workers > 1 trains CFLOW's decoders in CPU processes over cached features: use it "
                           "with --method cflow, --cache and --device cpu, or drop it")
-    if config.method == "cflow" and not config.layer_list() and config.layers.strip() != "auto":
+    if config.method == "cflow" and not config.layer_list() and not config.layers_auto():
         raise ConfigError("method=cflow needs --layers: backbone module names, comma-separated, or auto")
     if config.method == "cflow" and config.layer_list():  # --layers auto: checked once the extractor resolves it
         check_scoring_stages(config.scoring, config.layer_list())
-    elif config.scoring != "auto":
+    else:
         check_scoring_stages(config.scoring, None)
 
 
-def check_scoring_stages(scoring: str, layers: list[str] | None) -> None:
-    """--scoring parses and names only stages that ``layers`` extracts (None: any); raises ConfigError."""
+def check_scoring_stages(scoring: str, layers: list[str] | None, resolved_from_auto: bool = False) -> None:
+    """--scoring parses and names only stages that ``layers`` extracts (None: any); raises ConfigError.
+
+    ``resolved_from_auto``: ``layers`` are the stages ``--layers auto`` resolved to (the message says so)."""
     if scoring == "auto":
         return
     from anomaly_map import ScoringRule  # torch-free parsing would duplicate the rule's grammar
@@ -353,7 +360,8 @@ def check_scoring_stages(scoring: str, layers: list[str] | None) -> None:
         raise ConfigError(f"--scoring: {error}") from None
     extra = [stage for stage in rule.stages if layers is not None and stage not in layers]
     if extra:
-        raise ConfigError(f"--scoring names stages {extra} that --layers ({','.join(layers)}) does not extract")
+        asked = f"auto (here {','.join(layers)})" if resolved_from_auto else f"({','.join(layers)})"
+        raise ConfigError(f"--scoring names stages {extra} that --layers {asked} does not extract")
 
 
 def _read_config_file(path: str) -> dict[str, Any]:

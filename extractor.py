@@ -234,15 +234,20 @@ def texture_layer_names(spec: str, backbone: nn.Module, is_vit: bool, backbone_n
         return []
     if spec != "auto":
         return [name.strip() for name in spec.split(",") if name.strip()]
-    stages = [info["module"] for info in getattr(backbone, "feature_info", []) if info.get("reduction") == 16]
-    if not stages:
+    stage = modules_at_strides(backbone).get(16)
+    if stage is None:
         raise ConfigError(f"backbone {backbone_name} has no stride-16 stage in timm's feature_info; pass "
                           "--texture_layers with module names (or 'last')")
-    return stages[-1:]
+    return [stage]
+
+
+def modules_at_strides(backbone: nn.Module) -> dict[int, str]:
+    """The last module at each stride (reduction) of timm's ``feature_info``; {} for a backbone without it."""
+    return {info["reduction"]: info["module"] for info in getattr(backbone, "feature_info", [])}
 
 
 def cflow_layer_names(config: Config, backbone: nn.Module, is_vit: bool) -> list[str]:
-    """CFLOW's stages: the names in ``spec``, or for ``auto`` three stages from coarse texture to semantics.
+    """CFLOW's stages: those ``config.layers`` names, or for ``auto`` three stages from coarse texture to semantics.
 
     A CNN: the last module at each of the strides 8, 16 and 32 in timm's ``feature_info`` (the paper's
     layer2-4 of a WideResNet; EfficientNet-Lite0 blocks.2, blocks.4, blocks.6). A ViT has one stride, so its
@@ -256,11 +261,11 @@ def cflow_layer_names(config: Config, backbone: nn.Module, is_vit: bool) -> list
             raise ConfigError(f"backbone {config.backbone} has {depth} block(s), fewer than the three stages --layers "
                               "auto takes; pass --layers with block names")
         return [f"blocks.{round(depth * part / 3) - 1}" for part in (1, 2, 3)]
-    by_stride = {info["reduction"]: info["module"] for info in getattr(backbone, "feature_info", [])}
-    missing = [stride for stride in (8, 16, 32) if stride not in by_stride]
+    by_stride = modules_at_strides(backbone)
+    missing = [str(stride) for stride in (8, 16, 32) if stride not in by_stride]
     if missing:
-        raise ConfigError(f"backbone {config.backbone} has no stage at stride {missing} in timm's feature_info; pass "
-                          "--layers with module names")
+        raise ConfigError(f"backbone {config.backbone} has no stage at stride {' or '.join(missing)} in timm's "
+                          "feature_info; pass --layers with module names")
     return [by_stride[stride] for stride in (8, 16, 32)]
 
 
@@ -343,8 +348,7 @@ class FeatureExtractor(nn.Module):
         self.layers = []
         if config.method == "cflow":
             self.layers = cflow_layer_names(config, backbone, self.is_vit)
-            if not config.layer_list():  # named stages were checked with the settings (config.validate)
-                check_scoring_stages(config.scoring, self.layers)
+            check_scoring_stages(config.scoring, self.layers, resolved_from_auto=config.layers_auto())
         if self.is_vit:
             _check_patch_multiple(config.img_size, backbone.patch_embed.patch_size[0], config.backbone)
         data_config = timm.data.resolve_data_config({}, model=backbone)

@@ -740,6 +740,8 @@ class SANFDetector(_TokenDetector):
         if len(contexts) > 1:
             info = {**info, "caff_context_chosen": chosen,
                     "caff_context_held_out_nll": {context: trained[context][1]["held_out_nll"] for context in contexts},
+                    "caff_context_train_seconds": {context: trained[context][1]["train_seconds"]
+                                                   for context in contexts},
                     "caff_context_curves": {context: trained[context][1]["curve"] for context in contexts}}
         return {**info, "caff_context": chosen, "parameters": sum(p.numel() for p in self.model.flow.parameters())}
 
@@ -972,14 +974,24 @@ TRAINING_FIELDS = ("max_train_per_class", "seed", "train_noise", "fiber_batch", 
 it scores: ``main.py --eval_only`` refuses other values, since its results.json would report them."""
 
 
-def settings_differences(trained: Config, asked: Config, also: tuple[str, ...] = ()) -> list[str]:
+def settings_differences(trained: Config, asked: Config, also: tuple[str, ...] = (),
+                         kept_context: str | None = None) -> list[str]:
     """Score-affecting fields (and the fields ``also`` names) whose values differ, as
-    ``name (checkpoint X, asked Y)``."""
+    ``name (checkpoint X, asked Y)``.
+
+    ``auto`` is no difference by name: ``--layers auto`` against the stages it resolves to (checked by
+    ``Detector.check_stages``), and ``--caff_context auto`` against the reading the checkpoint kept
+    (``kept_context``, from its metadata)."""
     names = COMMON_SCORE_FIELDS + SCORE_FIELDS[trained.method] + also
-    if "auto" in (trained.layers, asked.layers):  # the stages auto resolves to are checked by Detector.check_stages
+    if trained.layers_auto() or asked.layers_auto():
         names = tuple(name for name in names if name != "layers")
+    differences = []
+    if "caff_context" in names and kept_context is not None and "auto" in (trained.caff_context, asked.caff_context):
+        names = tuple(name for name in names if name != "caff_context")
+        if asked.caff_context not in ("auto", kept_context):
+            differences.append(f"caff_context (checkpoint kept {kept_context!r}, asked {asked.caff_context!r})")
     return [f"{name} (checkpoint {getattr(trained, name)!r}, asked {getattr(asked, name)!r})"
-            for name in names if getattr(trained, name) != getattr(asked, name)]
+            for name in names if getattr(trained, name) != getattr(asked, name)] + differences
 
 
 def load_detector(path: Path | str, config: Config | None = None, extractor: FeatureExtractor | None = None,
@@ -998,8 +1010,9 @@ def load_detector(path: Path | str, config: Config | None = None, extractor: Fea
     path = Path(path)
     saved = _read_checkpoint(path)
     trained = trained_config(saved, path)
+    meta = json.loads(saved["meta"])
     if config is not None:
-        differences = settings_differences(trained, config, also)
+        differences = settings_differences(trained, config, also, meta.get("caff_context"))
         if differences:
             raise DetectorError(f"checkpoint {path} was trained with other settings: {'; '.join(differences)}; "
                                 "pass the checkpoint's values (--config with the run's results.json does) or "
@@ -1011,7 +1024,6 @@ def load_detector(path: Path | str, config: Config | None = None, extractor: Fea
                             f"loads {extractor.weights_source}; pass the weights it was trained with")
     detector = build_detector(config, extractor)
     detector.weights_source = saved["weights_source"]
-    meta = json.loads(saved["meta"])
     detector.threshold, detector.threshold_rule, detector.info = meta["threshold"], meta["threshold_rule"], meta["info"]
     try:
         detector._restore(saved["state"], meta)

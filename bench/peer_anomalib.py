@@ -132,7 +132,8 @@ def ours(config: Config) -> dict[str, Any]:
             "train_cpu_seconds_per_epoch": cpu["train_cflow"] / max(metrics["epochs_run"], 1),
             "last_epoch_seconds_per_image": metrics["curve"][-1]["seconds"] / metrics["n_fit"],
             "test_images_per_cpu_second": metrics["n_test"] / cpu["score"],
-            "stage_groups": metrics["stage_groups"], "cache": config.cache, "n_fit": metrics["n_fit"],
+            "stage_groups": metrics["stage_groups"], "stages": payload["stages"], "cache": config.cache,
+            "n_fit": metrics["n_fit"],
             "n_held_out": metrics["n_held_out"], "n_test": metrics["n_test"], "total_seconds": total,
             "peak_rss_gb": peak_memory_gb(metrics),
             "threads": torch.get_num_threads()}
@@ -337,7 +338,7 @@ def header(config: Config, peer: dict[str, Any], cached: dict[str, Any]) -> str:
     matched = config.fiber_batch == ANOMALIB_FIBER_BATCH and config.lr == ANOMALIB_LR
     ours_setting = "set to anomalib's" if matched else "--fiber_batch 64 --lr 1e-4 would match anomalib's"
     return (f"{dataset_label(config)}, read by anomalib's {peer['data_note']}; {peer['n_test']} test images. "
-            f"{config.backbone} stages {config.layers} at {config.img_size} px, {config.epochs} epoch(s), image batch "
+            f"{config.backbone} stages {','.join(cached['stages'])} at {config.img_size} px, {config.epochs} epoch(s), image batch "
             f"{config.batch_size}, {config.n_flow_layers} coupling blocks, clamp {config.clamp:g}. "
             f"Adam fibers per step / lr: anomalib {ANOMALIB_FIBER_BATCH} / {ANOMALIB_LR:g} (its defaults), ours "
             f"{config.fiber_batch} / {config.lr:g} ({ours_setting}; the cflow method defaults are 256 / 2e-4). "

@@ -58,7 +58,15 @@ def test_cflow_preset_with_sanf_method_gets_sanf_training_and_the_presets_featur
     config = parse_args(["--preset", "cflow_lite0", "--method", "sanf"])
     assert values(config, SANF) == SANF
     assert (config.method, config.dataset, config.layers, config.img_size) == (
-        "sanf", "mvtec", "blocks.2,blocks.4,blocks.6", 256)
+        "sanf", "mvtec", "auto", 256)
+
+
+@pytest.mark.parametrize("preset", ["cflow_lite0", "cflow_mvtec"])
+def test_cflow_presets_leave_the_stages_to_the_backbone(preset):
+    """Another backbone under a CFLOW preset gets its own stages, not the preset backbone's names."""
+    config = parse_args(["--preset", preset, "--backbone", "vit_small_patch14_dinov2"])
+    assert config.layers == "auto" and config.layers_auto() and config.layer_list() == []
+    assert parse_args(["--preset", preset, "--layers", " auto "]).layers_auto()
 
 
 def test_explicit_flags_beat_preset_and_method_defaults():

@@ -58,8 +58,26 @@ def test_cflow_layers_auto_are_a_cnns_stages_at_strides_8_16_32(backbone, expect
 
 
 def test_a_scoring_rule_on_a_stage_that_layers_auto_does_not_extract_is_refused_before_training():
-    with pytest.raises(ConfigError, match=r"names stages \['blocks.1'\] that --layers \(blocks.2,blocks.4,blocks.6\)"):
+    with pytest.raises(ConfigError, match=r"names stages \['blocks.1'\] that --layers auto \(here blocks.2,blocks.4,"
+                                          r"blocks.6\)"):
         FeatureExtractor(make_config("demo", method="cflow", weights="none", scoring="z/max@blocks.1+blocks.4"))
+
+
+def test_cflow_layers_auto_refuses_a_vit_of_fewer_than_three_blocks_and_a_cnn_without_the_three_strides():
+    from types import SimpleNamespace
+
+    from extractor import cflow_layer_names
+
+    config = make_config("demo", method="cflow")
+    assert cflow_layer_names(config, SimpleNamespace(blocks=[0] * 24), is_vit=True) == [
+        "blocks.7", "blocks.15", "blocks.23"]
+    with pytest.raises(ConfigError, match="2 block\\(s\\), fewer than the three stages"):
+        cflow_layer_names(config, SimpleNamespace(blocks=[0] * 2), is_vit=True)
+    no_stride_32 = SimpleNamespace(feature_info=[{"reduction": 8, "module": "a"}, {"reduction": 16, "module": "b"}])
+    with pytest.raises(ConfigError, match="no stage at stride 32 in timm's feature_info; pass --layers"):
+        cflow_layer_names(config, no_stride_32, is_vit=False)
+    named = make_config("demo", method="cflow", layers="a,b")
+    assert cflow_layer_names(named, no_stride_32, is_vit=False) == ["a", "b"]
 
 
 def test_traced_graph_matches_the_eager_backbone_for_any_batch(demo_extractor):
@@ -242,3 +260,21 @@ def test_a_cflow_detector_refuses_a_backbone_giving_other_stages_and_auto_is_not
         detector.check_stages(FeatureExtractor(shallow))
     named = dataclasses.replace(trained, layers="blocks.2,blocks.4,blocks.6")
     assert settings_differences(named, trained) == [] and settings_differences(shallow, named) != []
+    assert settings_differences(named, dataclasses.replace(trained, layers=" auto ")) == []
+
+
+def test_a_saved_cflow_detector_loaded_for_a_backbone_giving_other_stages_is_refused(tmp_path):
+    """load_detector checks the stages of an extractor it is given, and the detector those of one it builds."""
+    from model import CFlowDetector, load_detector
+
+    trained = make_config("demo", method="cflow", weights="none", img_size=64)
+    detector = CFlowDetector(trained, FeatureExtractor(trained))
+    detector.build({"blocks.2": 40, "blocks.4": 112, "blocks.6": 320})
+    detector.save(tmp_path / "detector.pt")
+    shallow = dataclasses.replace(trained, layers="blocks.1,blocks.2,blocks.4")
+    with pytest.raises(DetectorError, match="pass --layers blocks.2,blocks.4,blocks.6"):
+        load_detector(tmp_path / "detector.pt", shallow, extractor=FeatureExtractor(shallow))
+    lazy = load_detector(tmp_path / "detector.pt", shallow)
+    with pytest.raises(DetectorError, match="pass --layers blocks.2,blocks.4,blocks.6"):
+        lazy.extractor
+    assert load_detector(tmp_path / "detector.pt", trained).extractor.layers == ["blocks.2", "blocks.4", "blocks.6"]

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ from config import make_config
 from conftest import kept_the_best_measurement, not_below_baseline
 from datasets import load_tasks
 from main import run
-from model import GaussianDetector, SANFDetector, SANFModel, load_detector, normalise_tokens
+from model import DetectorError, GaussianDetector, SANFDetector, SANFModel, load_detector, normalise_tokens
 from train import ModuleWeights, TrainingError, keep_best_epoch, train_sanf
 
 ROOT = __import__("conftest").ROOT
@@ -357,8 +358,8 @@ def test_pca_whitening_keeps_the_leading_principal_axes():
 AUTO_SETTINGS = dict(epochs=3, batch_size=50, lr=1e-3, hidden=8, heads=2, n_flow_layers=2, token_norm="none")
 
 
-def _fitted(context: str, fit: dict, held: dict) -> SANFDetector:
-    detector = SANFDetector(make_config("demo", caff_context=context, **AUTO_SETTINGS))
+def _fitted(context: str, fit: dict, held: dict, **settings) -> SANFDetector:
+    detector = SANFDetector(make_config("demo", caff_context=context, **{**AUTO_SETTINGS, **settings}))
     detector.fit(fit, held, "toy")
     return detector
 
@@ -381,18 +382,59 @@ def test_caff_context_auto_keeps_the_reading_with_the_lower_held_out_nll_and_its
     assert auto.threshold == pytest.approx(alone[chosen].threshold)
     auto.save(tmp_path / "auto.pt")
     assert np.allclose(load_detector(tmp_path / "auto.pt").score(test)[0], expected, atol=1e-6)
+    # the checkpoint accepts auto or the reading it kept, and refuses the other reading
+    for asked in ("auto", chosen):
+        reloaded = load_detector(tmp_path / "auto.pt", dataclasses.replace(auto.config, caff_context=asked))
+        assert np.allclose(reloaded.score(test)[0], expected, atol=1e-6)
+    other = "half" if chosen == "full" else "full"
+    with pytest.raises(DetectorError, match=f"caff_context \\(checkpoint kept '{chosen}', asked '{other}'\\)"):
+        load_detector(tmp_path / "auto.pt", dataclasses.replace(auto.config, caff_context=other))
 
 
-@pytest.mark.parametrize("case", ["narrow texture", "nothing held out"])
+@pytest.mark.parametrize("case", ["narrow texture", "nothing held out", "no fusion"])
 def test_caff_context_auto_trains_only_the_papers_reading_where_it_cannot_choose(case):
     semantic, patches = correlated_tokens(300)
     if case == "narrow texture":  # an intermediate stage's width: the channel-half reading cannot apply
         patches = patches[..., :8]
     fit = {"sem": semantic[:250].float(), "patches": patches[:250].float()}
-    held = {"sem": semantic[250:].float(), "patches": patches[250:].float()} if case == "narrow texture" else None
-    auto, full = _fitted("auto", fit, held), _fitted("full", fit, held)
+    held = None if case == "nothing held out" else {"sem": semantic[250:].float(), "patches": patches[250:].float()}
+    settings = {"fusion": "none"} if case == "no fusion" else {}
+    auto, full = _fitted("auto", fit, held, **settings), _fitted("full", fit, held, **settings)
     assert auto.info["caff_context"] == "full" and "caff_context_chosen" not in auto.info
     assert np.allclose(auto.score(fit)[0], full.score(fit)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("held_out_nll, kept", [({"full": 0.5, "half": 0.5}, "full"),
+                                                ({"full": math.nan, "half": 0.9}, "half"),
+                                                ({"full": 0.7, "half": math.inf}, "full")])
+def test_caff_context_auto_keeps_full_on_a_tie_and_never_a_non_finite_held_out_nll(monkeypatch, held_out_nll, kept):
+    import model
+
+    def trained(flow, tokens, held, config, label):
+        return {"held_out_nll": held_out_nll[flow.context], "curve": [], "train_seconds": 1.0, "epochs_run": 0}
+
+    monkeypatch.setattr(model, "train_sanf", trained)
+    semantic, patches = correlated_tokens(120)
+    fit = {"sem": semantic[:100].float(), "patches": patches[:100].float()}
+    held = {"sem": semantic[100:].float(), "patches": patches[100:].float()}
+    auto = _fitted("auto", fit, held)
+    assert auto.info["caff_context"] == auto.info["caff_context_chosen"] == kept
+    assert auto.info["caff_context_train_seconds"] == {"full": 1.0, "half": 1.0}
+
+
+def test_a_checkpoint_from_before_caff_context_auto_takes_its_reading_from_its_settings(tmp_path):
+    semantic, patches = correlated_tokens(300)
+    fit = {"sem": semantic[:250].float(), "patches": patches[:250].float()}
+    held = {"sem": semantic[250:].float(), "patches": patches[250:].float()}
+    half = _fitted("half", fit, held)
+    half.save(tmp_path / "half.pt")
+    saved = torch.load(tmp_path / "half.pt", weights_only=True)
+    meta = json.loads(saved["meta"])
+    del meta["caff_context"]  # what a checkpoint written before --caff_context auto holds
+    torch.save({**saved, "meta": json.dumps(meta)}, tmp_path / "old.pt")
+    old = load_detector(tmp_path / "old.pt")
+    assert old.model.context == "half"
+    assert np.allclose(old.score(held)[0], half.score(held)[0], atol=1e-6)
 
 
 def test_the_task_line_names_the_caff_context_auto_kept_and_both_held_out_nlls():

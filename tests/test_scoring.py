@@ -72,8 +72,8 @@ def test_scoring_rules_parse_and_print_back():
     for bad in ("exp", "sum/max", "z/top3"):
         with pytest.raises(ValueError):
             ScoringRule.parse(bad)
-    with pytest.raises(ConfigError, match="does not extract"):
-        parse_args(["--preset", "cflow_lite0", "--scoring", "z/max@blocks.1"])
+    with pytest.raises(ConfigError, match="does not extract"):  # named stages: refused at parse time
+        parse_args(["--preset", "cflow_lite0", "--layers", "blocks.2,blocks.4,blocks.6", "--scoring", "z/max@blocks.1"])
     assert parse_args(["--preset", "cflow_lite0", "--scoring", "auto"]).scoring == "auto"
 
 
