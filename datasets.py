@@ -222,11 +222,28 @@ def _folder_split(root: Path, split: str, classes: Sequence[str]) -> ImageList:
     return ImageList.create(ids, targets, FileLoader(paths))
 
 
-def _image_folder(root: Path) -> LabelledSplits:
-    """``root/train/<class>/*`` and ``root/test/<class>/*`` (torchvision ImageFolder layout)."""
-    classes = tuple(sorted(p.name for p in (root / "train").iterdir() if p.is_dir()))
+def _class_folders(folder: Path) -> tuple[str, ...]:
+    return tuple(sorted(p.name for p in folder.iterdir() if p.is_dir()))
+
+
+def _image_folder(root: Path, dataset: str = "", expected: Sequence[str] = ()) -> LabelledSplits:
+    """``root/train/<class>/*`` and ``root/test/<class>/*`` (torchvision ImageFolder layout).
+
+    ``expected``: the class names the dataset's protocol defines (CIFAR-10's 10 classes, CIFAR-100's 20
+    superclasses); other folders are refused, since the one-class protocol scores the whole test split."""
+    classes = _class_folders(root / "train")
     if not classes:
         raise DataError(f"no class folders under {root / 'train'}")
+    if expected and set(classes) != set(expected):
+        hint = (" (these look like CIFAR-100's 100 fine classes; the protocol uses the 20 superclasses)"
+                if len(classes) == 100 else "")
+        raise DataError(f"{dataset} folders under {root / 'train'} are {len(classes)} classes{hint}; the protocol "
+                        f"needs exactly {', '.join(expected)}: arrange train/<class>/ and test/<class>/ so, or "
+                        "give the original pickled files")
+    test_only = sorted(set(_class_folders(root / "test")) - set(classes))
+    if test_only:
+        raise DataError(f"class folder(s) {', '.join(test_only)} under {root / 'test'} have no training folder; "
+                        f"add {root / 'train'}/<class>/ for them or remove them (the test split is scored whole)")
     return LabelledSplits(classes, _folder_split(root, "train", classes), _folder_split(root, "test", classes))
 
 
@@ -256,8 +273,31 @@ def _unpickle(path: Path, *keys: str) -> dict[str, Any]:
     return batch
 
 
-def _cifar_pixels(batch: dict[str, Any]) -> np.ndarray:
-    return np.asarray(batch["data"]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+def _cifar_split(name: str, batches: Sequence[dict[str, Any]], label_key: str, classes: Sequence[str],
+                 path: Path) -> ImageList:
+    """The images of CIFAR batches (rows of 3 x 32 x 32 bytes) with their labels, checked for size, count
+    and range."""
+    pixels, labels = [], []
+    for batch in batches:
+        data = np.asarray(batch["data"])
+        if data.dtype != np.uint8 or data.size % (3 * 32 * 32):
+            raise DataError(f"CIFAR {name} data in {path} is not rows of 3 x 32 x 32 bytes ({data.dtype}, "
+                            f"{data.size} values); replace the files")
+        pixels.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.append(np.asarray(batch[label_key], dtype=np.int64).ravel())
+        if len(pixels[-1]) != len(labels[-1]):
+            raise DataError(f"CIFAR {name} in {path}: {len(pixels[-1])} images but {len(labels[-1])} {label_key}; "
+                            "replace the files")
+    targets = np.concatenate(labels)
+    _check_label_range(targets, classes, f"CIFAR {name} {label_key} in {path}")
+    return _array_split(name, np.concatenate(pixels), targets)
+
+
+def _check_label_range(targets: np.ndarray, classes: Sequence[str], where: str) -> None:
+    outside = targets[(targets < 0) | (targets >= len(classes))]
+    if len(outside):
+        raise DataError(f"{where} hold label {int(outside[0])}, outside 0..{len(classes) - 1} for the "
+                        f"{len(classes)} classes; replace the files")
 
 
 def _find_pickle_dir(root: Path, name: str, marker: str) -> Path | None:
@@ -286,12 +326,10 @@ def cifar10(root: Path, download: bool) -> LabelledSplits:
     if folder is not None:
         batches = [_unpickle(folder / f"data_batch_{i}", "data", "labels") for i in range(1, 6)]
         test = _unpickle(folder / "test_batch", "data", "labels")
-        train_pixels = np.concatenate([_cifar_pixels(b) for b in batches])
-        train_targets = np.concatenate([b["labels"] for b in batches])
-        return LabelledSplits(CIFAR10_CLASSES, _array_split("train", train_pixels, train_targets),
-                              _array_split("test", _cifar_pixels(test), test["labels"]))
+        return LabelledSplits(CIFAR10_CLASSES, _cifar_split("train", batches, "labels", CIFAR10_CLASSES, folder),
+                              _cifar_split("test", [test], "labels", CIFAR10_CLASSES, folder))
     if _has_image_folder(root):
-        return _image_folder(root)
+        return _image_folder(root, "CIFAR-10", CIFAR10_CLASSES)
     raise _missing("CIFAR-10", root, "cifar-10-batches-py/ (torchvision) or train/<class>/ and test/<class>/")
 
 
@@ -304,10 +342,10 @@ def cifar100(root: Path, download: bool) -> LabelledSplits:
     if folder is not None:
         train, test = (_unpickle(folder / name, "data", "coarse_labels") for name in ("train", "test"))
         return LabelledSplits(CIFAR100_SUPERCLASSES,
-                              _array_split("train", _cifar_pixels(train), train["coarse_labels"]),
-                              _array_split("test", _cifar_pixels(test), test["coarse_labels"]))
+                              _cifar_split("train", [train], "coarse_labels", CIFAR100_SUPERCLASSES, folder),
+                              _cifar_split("test", [test], "coarse_labels", CIFAR100_SUPERCLASSES, folder))
     if _has_image_folder(root):
-        return _image_folder(root)
+        return _image_folder(root, "CIFAR-100", CIFAR100_SUPERCLASSES)
     raise _missing("CIFAR-100", root, "cifar-100-python/ (torchvision) or train/<superclass>/ and test/<superclass>/")
 
 
@@ -333,6 +371,8 @@ def stl10(root: Path, download: bool) -> LabelledSplits:
             raise DataError(f"STL-10 in {folder} has no class_names.txt; replace the folder")
         names = tuple(names_file.read_text().split())
         (train_pixels, train_targets), (test_pixels, test_targets) = read("train"), read("test")
+        for split, targets in (("train", train_targets), ("test", test_targets)):
+            _check_label_range(targets, names, f"STL-10 {split}_y.bin (1-based on disk) in {folder}")
         return LabelledSplits(names, _array_split("train", train_pixels, train_targets),
                               _array_split("test", test_pixels, test_targets))
     if _has_image_folder(root):
@@ -377,18 +417,27 @@ def cats_vs_dogs(root: Path, test_fraction: float = 0.2) -> LabelledSplits:
     shuffled with a fixed seed and the last 20 % are the test split (10,000 / 2,500 per class for the
     12,500-image Kaggle set, the PANDA / MSAD protocol).
     """
+    if (root / "train").is_dir() and any(p.name.lower().startswith(("cat.", "dog.")) for p in _list_images(
+            root / "train")):
+        raise DataError(f"{root} is the Kaggle competition layout (train/cat.N.jpg, test1/), whose test images "
+                        "have no labels; the protocol uses Microsoft's PetImages folder (Cat/, Dog/): point "
+                        "--data_root at it")
     if _has_image_folder(root):
         return _image_folder(root)
     if not root.is_dir():
-        raise _missing("Cats-vs-Dogs", root, "one subfolder per class (Cat/, Dog/)")
-    classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
-    if len(classes) < 2:
-        raise _missing("Cats-vs-Dogs", root, "at least two class subfolders (Cat/, Dog/)")
-    rng = np.random.default_rng(0)
+        raise DataError(f"Cats-vs-Dogs not found under '{root}': expected one subfolder per class (Cat/, Dog/); "
+                        "set --data_root (or ANOMALY_DATA_ROOT) to the PetImages folder")
+    classes = tuple(name for name in _class_folders(root) if not name.startswith((".", "__")))
+    if len(classes) != 2:
+        raise DataError(f"Cats-vs-Dogs under {root} needs exactly two class subfolders (Cat/, Dog/), found "
+                        f"{', '.join(classes) or 'none'}")
     split_paths: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
     for index, name in enumerate(classes):
-        files = [str(p) for p in _list_images(root / name)]
-        order = rng.permutation(len(files))
+        listed = _list_images(root / name)
+        files = [str(p) for p in listed if p.stat().st_size > 0]
+        if len(files) < len(listed):  # PetImages ships empty files (Cat/666.jpg)
+            print(f"note: {len(listed) - len(files)} empty file(s) in {root / name} left out")
+        order = np.random.default_rng([0, index]).permutation(len(files))  # one class's split ignores the other
         n_test = int(round(len(files) * test_fraction))
         split_paths["test"] += [(files[i], index) for i in sorted(order[:n_test])]
         split_paths["train"] += [(files[i], index) for i in sorted(order[n_test:])]

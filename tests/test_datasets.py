@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from config import make_config
-from datasets import (DataError, ImageList, dataset_identity, held_out_split, image_list_from_files,
+from datasets import (CIFAR10_CLASSES, DataError, ImageList, dataset_identity, held_out_split, image_list_from_files,
                       list_image_files, load_mask, load_tasks, mvtec_tasks)
 
 
@@ -71,13 +71,40 @@ def test_torchvision_pickled_cifar10_layout(tmp_path):
 
 
 def test_image_folder_cifar_layout(tmp_path):
-    for split, count in (("train", 3), ("test", 2)):
-        for name in ("cat", "dog", "frog"):
+    for split, count in (("train", 2), ("test", 1)):
+        for name in CIFAR10_CLASSES:
             for index in range(count):
                 write_image(tmp_path / split / name / f"{index}.png")
     tasks = load_tasks(make_config("demo", dataset="cifar10", data_root=str(tmp_path), classes="dog"))
-    assert len(tasks) == 1 and len(tasks[0].train) == 3 and len(tasks[0].test) == 6
-    assert tasks[0].test_labels.tolist() == [1, 1, 0, 0, 1, 1]
+    assert len(tasks) == 1 and len(tasks[0].train) == 2 and len(tasks[0].test) == 10
+    assert tasks[0].test_labels.tolist() == [0 if name == "dog" else 1 for name in CIFAR10_CLASSES]
+
+
+def test_cifar_folders_that_are_not_the_protocols_classes_are_refused(tmp_path):
+    for name in ("apple", "aquarium_fish", "baby"):  # CIFAR-100 fine classes, not its 20 superclasses
+        for split in ("train", "test"):
+            write_image(tmp_path / "c100" / split / name / "0.png")
+    with pytest.raises(DataError, match="CIFAR-100 folders .* are 3 classes; the protocol needs exactly "
+                                        "aquatic_mammals, fish,"):
+        load_tasks(make_config("demo", dataset="cifar100", data_root=str(tmp_path / "c100")))
+    for name in CIFAR10_CLASSES:
+        write_image(tmp_path / "c10" / "train" / name / "0.png")
+        write_image(tmp_path / "c10" / "test" / name / "0.png")
+    write_image(tmp_path / "c10" / "test" / "unicorn" / "0.png")
+    with pytest.raises(DataError, match="unicorn under .* have no training folder"):
+        load_tasks(make_config("demo", dataset="cifar10", data_root=str(tmp_path / "c10")))
+
+
+def test_cats_vs_dogs_refuses_the_competition_layout_and_other_than_two_classes(tmp_path):
+    write_image(tmp_path / "kaggle" / "train" / "cat.0.jpg")
+    write_image(tmp_path / "kaggle" / "test1" / "1.jpg")
+    with pytest.raises(DataError, match="Kaggle competition layout .* PetImages"):
+        load_tasks(make_config("demo", dataset="catsvsdogs", data_root=str(tmp_path / "kaggle")))
+    for name in ("Cat", "Dog", "Rabbit"):
+        write_image(tmp_path / "pets" / name / "0.jpg")
+    (tmp_path / "pets" / "__MACOSX").mkdir()
+    with pytest.raises(DataError, match="exactly two class subfolders .* found Cat, Dog, Rabbit"):
+        load_tasks(make_config("demo", dataset="catsvsdogs", data_root=str(tmp_path / "pets")))
 
 
 def test_mvtec_layout_with_masks_and_modes(tmp_path):
@@ -133,7 +160,7 @@ def test_corrupt_image_is_named(tmp_path):
         for name in ("a", "b"):
             write_image(tmp_path / split / name / "0.png")
     (tmp_path / "train" / "a" / "1.png").write_bytes(b"not an image")
-    task = load_tasks(make_config("demo", dataset="cifar10", data_root=str(tmp_path), classes="a"))[0]
+    task = load_tasks(make_config("demo", dataset="stl10", data_root=str(tmp_path), classes="a"))[0]
     with pytest.raises(DataError, match="1.png"):
         task.train.load(1)
 
@@ -343,3 +370,8 @@ def test_cats_vs_dogs_folders_split_each_class_80_20_disjoint_and_repeatably(tmp
     assert cat.test_labels.tolist() == [0 if i.startswith("Cat/") else 1 for i in test_files]
     again = load_tasks(config)
     assert again[0].train.ids == cat.train.ids and again[0].test.ids == cat.test.ids
+    (tmp_path / "pets" / "Cat" / "empty.jpg").write_bytes(b"")  # PetImages ships empty files: left out
+    write_image(tmp_path / "pets" / "Cat" / "10.jpg")  # one class's new file does not move the other's split
+    more = load_tasks(config)
+    assert "Cat/empty.jpg" not in more[0].train.ids + more[0].test.ids and len(more[0].train) == 9
+    assert more[1].train.ids == tasks[1].train.ids

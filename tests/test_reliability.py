@@ -265,6 +265,36 @@ def test_stl10_binaries_read_and_damaged_ones_are_data_errors(tmp_path):
         load_tasks(make_config("demo", dataset="stl10", data_root=str(tmp_path), classes="bird"))
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("a label out of range", r"test labels in .* hold label 10, outside 0..9 for the 10 classes"),
+    ("fewer labels than images", r"test in .*: 3 images but 2 labels"),
+    ("rows of another size", r"test data in .* is not rows of 3 x 32 x 32 bytes"),
+])
+def test_a_cifar_batch_with_wrong_labels_or_pixels_is_a_data_error(tmp_path, damage, message):
+    _write_cifar(tmp_path, "cifar10", bytes)
+    batch = {b"data": np.zeros((3, 3072), np.uint8), b"labels": [3, 10, 3]}
+    if damage == "fewer labels than images":
+        batch[b"labels"] = [3, 3]
+    elif damage == "rows of another size":
+        batch[b"data"] = np.zeros((3, 3000), np.uint8)
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as handle:
+        pickle.dump(batch, handle)
+    with pytest.raises(DataError, match=message):
+        load_tasks(make_config("demo", dataset="cifar10", data_root=str(tmp_path), classes="cat"))
+
+
+def test_stl10_pixels_are_read_column_major_and_labels_out_of_range_refused(tmp_path):
+    """The binaries store each image channel by channel, column by column (as torchvision reads them)."""
+    folder = _write_stl10(tmp_path)
+    images = np.random.default_rng(0).integers(0, 256, (3, 96, 96, 3), dtype=np.uint8)  # (N, H, W, C)
+    images.transpose(0, 3, 2, 1).tofile(folder / "test_X.bin")
+    task = load_tasks(make_config("demo", dataset="stl10", data_root=str(tmp_path), classes="bird"))[0]
+    assert all(np.array_equal(np.asarray(task.test.load(i)), images[i]) for i in range(3))
+    np.array([1, 4, 2], np.uint8).tofile(folder / "test_y.bin")  # 4: a fourth class of three
+    with pytest.raises(DataError, match=r"STL-10 test_y.bin .* hold label 3, outside 0..2"):
+        load_tasks(make_config("demo", dataset="stl10", data_root=str(tmp_path), classes="bird"))
+
+
 # ----------------------------------------------------------------------------- bit-repeatable runs
 
 
