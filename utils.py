@@ -117,6 +117,8 @@ def check_device(device: str) -> None:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):
         raise ConfigError(f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: this code supports cpu and cuda only; use --device cpu")
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device} asked for, but torch sees no CUDA device; use --device cpu")
     if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():

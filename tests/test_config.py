@@ -210,3 +210,10 @@ def test_a_device_torch_does_not_know_is_refused_naming_the_choices(device, mess
     with pytest.raises(ConfigError, match=message + ": use cpu, cuda or cuda:N"):
         check_device(device)
     check_device("cpu")
+
+
+def test_a_torch_device_other_than_cpu_or_cuda_is_refused_before_any_work():
+    from utils import check_device
+
+    with pytest.raises(ConfigError, match="--device mps: this code supports cpu and cuda only; use --device cpu"):
+        check_device("mps")
