@@ -44,7 +44,7 @@ from extractor import FeatureExtractor, image_batches
 from fusion import build_sanf_flow
 from synthetic import synthetic_defects
 from train import TrainingError, train_cflow, train_sanf
-from utils import atomic_torch_save, shrunk_covariance
+from utils import atomic_torch_save, check_device, shrunk_covariance
 
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 """ln sqrt(2 pi); the official code's ``_GCONST_`` is its negative, -0.9189385332046727."""
@@ -526,7 +526,8 @@ class Detector:
 
     The threshold is the (1 - ``threshold_fpr``) quantile of the scores of the held-out normal
     training images (or, with ``val_fraction`` 0, of the fit images themselves, which is optimistic
-    and said so in ``threshold_rule``). No test image is used.
+    and said so in ``threshold_rule``). No test image is used. ``map_threshold`` is the same quantile of those
+    images' map maxima (CFLOW): the scale of the maps, whose units differ from the scores' under a ``z`` rule.
     """
 
     method = ""
@@ -536,6 +537,7 @@ class Detector:
         self._extractor = extractor
         self.weights_source = extractor.weights_source if extractor is not None else ""
         self.threshold = math.nan
+        self.map_threshold = math.nan
         self.threshold_rule = ""
         self.info: dict[str, Any] = {}
 
@@ -565,9 +567,11 @@ class Detector:
         started = time.perf_counter()
         self.info = {**self._fit(fit, held_out, name, held_out_images), "fit_seconds": time.perf_counter() - started}
         reference = fit if held_out is None or self.count(held_out) == 0 else held_out
-        scores = self.score(reference)[0]
+        scores, maps = self.score(reference)
         quantile = 1.0 - self.config.threshold_fpr
         self.threshold = float(np.quantile(scores, quantile))
+        if maps is not None:
+            self.map_threshold = float(np.quantile(maps.reshape(len(maps), -1).max(axis=1), quantile))
         which = ("held-out normal training images" if reference is held_out else
                  "fit images themselves (val_fraction 0: optimistic, expect more false alarms)")
         self.threshold_rule = (f"{quantile:g} quantile of the scores of {len(scores)} {which}: target false-positive "
@@ -629,7 +633,8 @@ class Detector:
         atomic_torch_save({
             "format": DETECTOR_FORMAT, "method": self.method, "config": json.dumps(self.config.to_dict()),
             "weights_source": self.weights_source,
-            "meta": json.dumps(_jsonable({**meta, "threshold": self.threshold, "threshold_rule": self.threshold_rule,
+            "meta": json.dumps(_jsonable({**meta, "threshold": self.threshold, "map_threshold": self.map_threshold,
+                                          "threshold_rule": self.threshold_rule,
                                           "info": self.info})),
             "state": {name: tensor.detach().cpu() for name, tensor in tensors.items()},
         }, Path(path))
@@ -1019,12 +1024,19 @@ def load_detector(path: Path | str, config: Config | None = None, extractor: Fea
                                 "retrain")
     else:
         config = dataclasses.replace(trained, **run_settings)
+    try:
+        check_device(config.device)
+    except ConfigError as error:
+        raise DetectorError(f"checkpoint {path}: {error} (it was trained on {trained.device}; pass device='cpu' to "
+                            "load_detector)") from None
     if extractor is not None and not same_weights(saved["weights_source"], extractor.weights_source):
         raise DetectorError(f"checkpoint {path} was trained on backbone weights {saved['weights_source']}, this run "
                             f"loads {extractor.weights_source}; pass the weights it was trained with")
     detector = build_detector(config, extractor)
     detector.weights_source = saved["weights_source"]
     detector.threshold, detector.threshold_rule, detector.info = meta["threshold"], meta["threshold_rule"], meta["info"]
+    # checkpoints from before map_threshold: the image threshold, the maps' scale under the paper's exp merge
+    detector.map_threshold = meta.get("map_threshold", detector.threshold)
     try:
         detector._restore(saved["state"], meta)
     except (KeyError, RuntimeError) as error:

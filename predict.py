@@ -5,7 +5,8 @@
 Writes ``OUT/predictions.csv`` (``path,score,anomalous``: ``anomalous`` is 1 when the score is above
 the threshold stored in the checkpoint, which was set on held-out normal *training* images) and, for
 a CFLOW detector, ``OUT/maps/<name>.npy`` (float16, img_size x img_size) and ``OUT/overlays/<name>.png``
-per image. The checkpoint is read with ``torch.load(weights_only=True)``: no pickled code runs. The
+per image. The outputs are written into ``OUT/.predict-partial`` and moved into place once every image
+is scored, replacing an earlier run's: a run that stops leaves the earlier outputs as they were. The checkpoint is read with ``torch.load(weights_only=True)``: no pickled code runs. The
 backbone comes from its recorded weights (``--weights FILE`` where that file lives elsewhere now; its
 hash must match).
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -72,8 +74,32 @@ def output_names(paths: list[str]) -> list[str]:
     return names
 
 
+OUTPUTS = ("predictions.csv", "maps", "overlays")
+
+
 def predict(detector: Detector, images: list[str], out: Path, batch_size: int, overlays: bool) -> dict[str, float]:
-    """Score ``images``; write predictions.csv and, for maps, .npy and overlays. Returns counts and throughput."""
+    """Score ``images``; write predictions.csv and, for maps, .npy and overlays, replacing ``OUTPUTS`` of an
+    earlier run only once every image is scored. Returns counts and throughput."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; pass a folder")
+    staging = out / ".predict-partial"
+    shutil.rmtree(staging, ignore_errors=True)  # what a killed run left
+    try:
+        figures = _predict_into(detector, images, staging, batch_size, overlays)
+        for name in OUTPUTS:
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+            elif (out / name).exists():
+                (out / name).unlink()
+            if (staging / name).exists():
+                os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return figures
+
+
+def _predict_into(detector: Detector, images: list[str], out: Path, batch_size: int,
+                  overlays: bool) -> dict[str, float]:
     image_list = image_list_from_files([Path(p) for p in images])
     config = detector.config
     names = output_names(list(image_list.ids))
@@ -87,7 +113,8 @@ def predict(detector: Detector, images: list[str], out: Path, batch_size: int, o
             rows.append(f"{csv_field(image_list.ids[position + offset])},{float(score)!r},{anomalous}")
         if maps is not None:
             with record_function("predict.outputs"):
-                _write_maps(out, names[position:position + len(scores)], maps, batch, detector.threshold, overlays)
+                _write_maps(out, names[position:position + len(scores)], maps, batch, detector.map_threshold,
+                            overlays)
         position += len(scores)
     seconds = time.perf_counter() - started
     atomic_write_bytes(out / "predictions.csv", ("\n".join(["path,score,anomalous", *rows]) + "\n").encode())
@@ -95,7 +122,7 @@ def predict(detector: Detector, images: list[str], out: Path, batch_size: int, o
             "images_per_second": len(rows) / max(seconds, 1e-9)}
 
 
-def _write_maps(out: Path, names: list[str], maps: np.ndarray, images: torch.Tensor, threshold: float,
+def _write_maps(out: Path, names: list[str], maps: np.ndarray, images: torch.Tensor, map_threshold: float,
                 overlays: bool) -> None:
     """A batch's .npy maps (and overlays), written on as many threads as torch uses: zlib and file writes
     release the GIL, and torch's threads are idle meanwhile."""
@@ -103,24 +130,42 @@ def _write_maps(out: Path, names: list[str], maps: np.ndarray, images: torch.Ten
 
     def write(offset: int) -> None:
         np.save(out / "maps" / f"{names[offset]}.npy", maps[offset].astype(np.float16))
-        if overlays:  # one colour scale for every image: 0 to twice the image-score threshold (green = threshold)
-            save_overlay(images[offset].permute(1, 2, 0).numpy(), maps[offset], 0.0, 2 * threshold,
+        if overlays:  # one colour scale for every image: 0 to twice the maps' threshold (green = threshold)
+            save_overlay(images[offset].permute(1, 2, 0).numpy(), maps[offset], 0.0, 2 * map_threshold,
                          out / "overlays" / f"{names[offset]}.png")
 
     with ThreadPoolExecutor(max(1, min(torch.get_num_threads(), len(names)))) as pool:
         list(pool.map(write, range(len(names))))
 
 
+def images_to_score(pattern: str, out: Path) -> list[str]:
+    """The image files of ``pattern`` (a folder or a glob), less those under ``out``: an output folder inside the
+    images' folder holds an earlier run's overlays, which are not images to score."""
+    if not any(char in pattern for char in "*?[") and not Path(pattern).expanduser().exists():
+        raise DataError(f"--images {pattern}: no such folder or file")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; pass a folder")
+    out_folder = out.resolve()
+    files = list_image_files(pattern)
+    kept = [str(path) for path in files if not path.resolve().is_relative_to(out_folder)]
+    if not kept:
+        raise DataError(f"--images {pattern} holds no image outside --out {out}")
+    if len(kept) < len(files):
+        print(f"note: {len(files) - len(kept)} image(s) under --out {out} left out")
+    return kept
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
-    run_settings = {"device": args.device, "test_batch_size": args.batch_size}
+    # decoding runs on torch's threads here (image_batches); worker processes would turn an error into a traceback
+    run_settings = {"device": args.device, "test_batch_size": args.batch_size, "num_workers": 0}
     if args.weights:
         run_settings["weights"] = args.weights
     check_device(args.device)
     detector = load_detector(args.checkpoint, **run_settings)
     configure_torch(detector.config)
     backbone = detector.extractor  # built, and its weights checked, before any image is read
-    images = [str(p) for p in list_image_files(args.images)]
+    images = images_to_score(args.images, Path(args.out))
     print(f"{detector.method} detector {args.checkpoint} on {detector.config.backbone} ({backbone.weights_source}): "
           f"{len(images)} images; threshold {detector.threshold:.6g} ({detector.threshold_rule})")
     figures = predict(detector, images, Path(args.out), args.batch_size, args.overlays)

@@ -173,13 +173,58 @@ def test_a_batch_of_maps_is_written_each_under_its_own_name(tmp_path):
     names = [f"image_{index}" for index in range(5)]
     maps = np.stack([np.full((8, 8), index, dtype=np.float32) for index in range(5)])
     images = torch.arange(5, dtype=torch.uint8).view(5, 1, 1, 1).expand(5, 3, 8, 8).contiguous()
-    predict._write_maps(tmp_path, names, maps, images, threshold=2.0, overlays=True)
+    predict._write_maps(tmp_path, names, maps, images, map_threshold=2.0, overlays=True)
     for index, name in enumerate(names):
         assert np.array_equal(np.load(tmp_path / "maps" / f"{name}.npy"), np.full((8, 8), index, np.float16))
         overlay = np.asarray(Image.open(tmp_path / "overlays" / f"{name}.png"))
         assert overlay.shape == (8, 8, 3) and len(np.unique(overlay.reshape(-1, 3), axis=0)) == 1
     colours = [tuple(np.asarray(Image.open(tmp_path / "overlays" / f"{name}.png"))[0, 0]) for name in names]
     assert len(set(colours)) == 5  # each overlay drawn from its own map and image
+
+
+def test_predict_replaces_earlier_outputs_only_when_every_image_is_scored_and_skips_its_own_folder(tmp_path):
+    """A corrupt image stops the run with the earlier run's outputs as they were (no half-written maps);
+    an --out inside --images is not scored; the overlays' scale is the maps' own threshold."""
+    data = digits_folder(tmp_path / "digits", n_test=4)
+    config = folder_config(data, tmp_path, "cflow", layers="blocks.2,blocks.4", scoring="z/max")
+    run(config)
+    checkpoint = results_folder(config) / "checkpoints" / "digits.pt"
+    detector = load_detector(checkpoint)
+    task = load_tasks(config)[0]
+    held_out = [task.train.source(i) for i in held_out_split(len(task.train), config.val_fraction, config.seed)[1]]
+    map_maxima = detector.predict(held_out).maps.reshape(len(held_out), -1).max(axis=1)
+    assert detector.map_threshold == pytest.approx(np.quantile(map_maxima, 1 - config.threshold_fpr), rel=1e-5)
+    assert abs(detector.map_threshold - detector.threshold) > 0.1  # a z rule's scores are in other units
+
+    images = data / "test"
+    out = images / "predicted"  # inside the images' folder
+    argv = ["--checkpoint", str(checkpoint), "--images", str(images), "--out", str(out), "--batch_size", "3"]
+    predict.main(argv)
+    first = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    assert len(first) == 1 + 2 * 8 and not (out / ".predict-partial").exists()
+    predict.main(argv)  # the overlays of the first run are not scored again
+    assert len(read_scores_csv(out / "predictions.csv")) == 8
+    (images / "one" / "zz_broken.png").write_bytes(b"not an image")  # scored in the last batch
+    with pytest.raises(DataError, match="zz_broken.png"):
+        predict.main(argv)
+    assert {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()} == first
+    with pytest.raises(DataError, match="no such folder or file"):
+        predict.main(["--checkpoint", str(checkpoint), "--images", str(tmp_path / "nowhere"), "--out", str(out)])
+    with pytest.raises(DataError, match="is a file; pass a folder"):
+        predict.main(["--checkpoint", str(checkpoint), "--images", str(images), "--out", str(checkpoint)])
+
+
+def test_a_checkpoint_trained_on_cuda_loaded_where_there_is_none_names_device_cpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("checks the message given where no CUDA device exists")
+    data = digits_folder(tmp_path / "digits", n_test=2)
+    config = folder_config(data, tmp_path, "gaussian")
+    run(config)
+    saved = torch.load(results_folder(config) / "checkpoints" / "digits.pt", weights_only=True)
+    torch.save({**saved, "config": json.dumps({**json.loads(saved["config"]), "device": "cuda"})}, tmp_path / "gpu.pt")
+    with pytest.raises(DetectorError, match="trained on cuda; pass device='cpu'"):
+        load_detector(tmp_path / "gpu.pt")
+    assert load_detector(tmp_path / "gpu.pt", device="cpu").config.device == "cpu"
 
 
 def test_output_names_stay_distinct_when_stems_or_flattened_paths_collide():
