@@ -85,14 +85,15 @@ def as_rgb(image: Image.Image, name: str) -> Image.Image:
     return image.convert("RGB")
 
 
-class PictureLoader:
-    """Loads images already in memory (RGB PIL images; picklable, for DataLoader workers)."""
+class InputLoader:
+    """Loads the inputs of ``Detector.predict`` (see :func:`picture_of`) as RGB images when their batch is
+    scored, so that a long list of paths is not decoded all at once."""
 
-    def __init__(self, pictures: Sequence[Image.Image]):
-        self.pictures = list(pictures)
+    def __init__(self, items: Sequence[Any]):
+        self.items = list(items)
 
     def __call__(self, position: int) -> Image.Image:
-        return self.pictures[position]
+        return picture_of(self.items[position], f"image {position}")
 
 
 def picture_of(item: Any, name: str) -> Image.Image:
@@ -113,12 +114,14 @@ def picture_of(item: Any, name: str) -> Image.Image:
         return as_rgb(item, name)
     if isinstance(item, torch.Tensor):
         if item.dim() != 3 or item.shape[0] != 3:
-            raise DataError(f"{name}: a tensor image must be (3, H, W); got {tuple(item.shape)}")
+            grey = " (a grey one: image.expand(3, -1, -1))" if item.dim() == 3 and item.shape[0] == 1 else ""
+            raise DataError(f"{name}: a tensor image must be (3, H, W){grey}; got {tuple(item.shape)}")
         item = item.detach().cpu().permute(1, 2, 0).numpy()
     if not isinstance(item, np.ndarray):
         raise DataError(f"{name}: expected a file path, a PIL image, a tensor or an array; got {type(item).__name__}")
     if item.ndim not in (2, 3) or (item.ndim == 3 and item.shape[2] != 3):
-        raise DataError(f"{name}: an array image must be (H, W, 3) or (H, W); got {item.shape}")
+        alpha = " (RGBA: drop the alpha channel, image[..., :3])" if item.ndim == 3 and item.shape[2] == 4 else ""
+        raise DataError(f"{name}: an array image must be (H, W, 3) or (H, W){alpha}; got {item.shape}")
     if item.dtype != np.uint8:
         if not np.issubdtype(item.dtype, np.floating) or not (np.isfinite(item).all() and 0 <= item.min()
                                                                and item.max() <= 1):

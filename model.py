@@ -39,7 +39,7 @@ from anomaly_map import (AnomalyMapGenerator, ScoringRule, StageStatistics, cand
                          stage_statistics)
 from baselines import GaussianScorer, KNNScorer
 from config import Config, ConfigError
-from datasets import DataError, ImageList, PictureLoader, picture_of
+from datasets import DataError, ImageList, InputLoader
 from extractor import FeatureExtractor, image_batches
 from fusion import build_sanf_flow
 from synthetic import synthetic_defects
@@ -610,11 +610,9 @@ class Detector:
             images = list(images)
         elif not isinstance(images, (list, tuple)):
             images = [images]
-        pictures = [picture_of(item, f"image {position}") for position, item in enumerate(images)]
-        if not pictures:
+        if not len(images):
             raise DataError("Detector.predict was given no image")
-        image_list = ImageList.create([str(p) for p in range(len(pictures))], [0] * len(pictures),
-                                      PictureLoader(pictures))
+        image_list = ImageList.create([str(p) for p in range(len(images))], [0] * len(images), InputLoader(images))
         scores, maps = [], []
         for batch in image_batches(image_list, self.config, batch_size=batch_size or self.config.test_batch_size):
             batch_scores, batch_maps = self.score_images(batch)

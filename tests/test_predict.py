@@ -102,6 +102,10 @@ def test_detector_predict_scores_paths_pictures_arrays_and_tensors_alike(method,
     assert detector.predict(paths[0]).scores.shape == (1,)
     with pytest.raises(DataError, match="floats in \\[0, 1\\]"):
         detector.predict(tensors.float())
+    with pytest.raises(DataError, match="image 1: .*\\(a grey one: image.expand\\(3, -1, -1\\)\\)"):
+        detector.predict([tensors[0], tensors[0, :1]])
+    with pytest.raises(DataError, match="RGBA: drop the alpha channel"):
+        detector.predict(np.zeros((8, 8, 4), np.uint8))
     with pytest.raises(DataError, match="no image file"):
         detector.predict(str(tmp_path / "missing.png"))
     with pytest.raises(DataError, match="is a folder; pass its files"):
