@@ -145,6 +145,8 @@ class Config:
     lr: float = _opt("training", 5e-5, "Adam learning rate (SANF paper 5e-5; CFLOW official 2e-4)")
     beta1: float = _opt("training", 0.8, "Adam beta1 (SANF paper 0.8; CFLOW 0.9)")
     beta2: float = _opt("training", 0.8, "Adam beta2 (SANF paper 0.8; CFLOW 0.999)")
+    adam_eps: float = _opt("training", 1e-4, "Adam epsilon (SANF public code 1e-4, DifferNet's; the paper gives none; "
+                           "CFLOW 1e-8, torch's default as in its official code)")
     weight_decay: float = _opt("training", 1e-5, "Adam weight decay (SANF paper 1e-5; CFLOW 0)")
     grad_clip: float = _opt("training", 0.0, "max gradient norm (0 = off, as the public code)")
     val_fraction: float = _opt("training", 0.1, "seeded fraction of the normal training images held out of the fit: "
@@ -217,13 +219,15 @@ _DEFAULTS = {name: f.default for name, f in _FIELDS.items()}
 # Training and head settings each method owns; knn and gaussian train nothing.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     # SANF-AD paper §3.2 (the field defaults); the paper gives no epoch count.
-    "sanf": dict(n_flow_layers=4, clamp=3.0, hidden=1024, heads=4, lr=5e-5, beta1=0.8, beta2=0.8, weight_decay=1e-5,
-                 batch_size=32, epochs=10, grad_clip=0.0),
+    # Adam's eps is the public code's (the paper gives none).
+    "sanf": dict(n_flow_layers=4, clamp=3.0, hidden=1024, heads=4, lr=5e-5, beta1=0.8, beta2=0.8, adam_eps=1e-4,
+                 weight_decay=1e-5, batch_size=32, epochs=10, grad_clip=0.0),
     # CFLOW-AD official code, except permute_soft off as anomalib (soft permutations are drawn from SO(C), very
     # slow above 512 channels) and the epochs: the official schedule of 25 x 8 epochs with warm-up and cosine
     # decay is more than a CPU can afford.
     "cflow": dict(n_flow_layers=8, clamp=1.9, condition_dims=128, fiber_batch=256, lr=2e-4, beta1=0.9, beta2=0.999,
-                  weight_decay=0.0, batch_size=32, epochs=10, grad_clip=0.0, permute_soft=False, patience=2),
+                  adam_eps=1e-8, weight_decay=0.0, batch_size=32, epochs=10, grad_clip=0.0, permute_soft=False,
+                  patience=2),
     "knn": {},
     "gaussian": {},
 }
@@ -323,6 +327,8 @@ def validate(config: Config) -> None:
                  "test_batch_size", "extract_batch_size", "knn_k", "condition_dims", "patch_grid", "held_out_checks"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if not config.adam_eps > 0:
+        raise ConfigError(f"adam_eps must be > 0 (it keeps Adam's step finite), got {config.adam_eps}")
     if not config.gaussian_shrinkage <= 1:
         raise ConfigError(f"gaussian_shrinkage must lie in [0, 1], got {config.gaussian_shrinkage}")
     if not config.val_fraction <= 0.5:

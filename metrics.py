@@ -41,7 +41,8 @@ def _binary_1d(labels: np.ndarray, name: str = "labels") -> np.ndarray:
 
 
 def _scores_1d(scores: np.ndarray, n: int, name: str = "scores") -> np.ndarray:
-    """Return ``scores`` as a flat float array of length ``n`` without NaNs."""
+    """Return ``scores`` as a flat float array of length ``n``, all finite (sklearn's metrics refuse infinities;
+    AUPRO would accept them, so every metric refuses them alike)."""
     arr = np.asarray(scores)
     if not np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float64)
@@ -50,6 +51,8 @@ def _scores_1d(scores: np.ndarray, n: int, name: str = "scores") -> np.ndarray:
         raise ValueError(f"{name} has {flat.size} elements, expected {n}")
     if np.isnan(flat).any():
         raise ValueError(f"{name} contains NaN")
+    if np.isinf(flat).any():
+        raise ValueError(f"{name} contains infinite values: the detector overflowed (lower --lr, or retrain)")
     return flat
 
 

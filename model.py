@@ -964,15 +964,16 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
 
 def trained_config(saved: dict[str, Any], path: Path) -> Config:
     """The configuration a checkpoint was trained with."""
-    try:
-        return Config(**json.loads(saved["config"]))
+    try:  # checkpoints from before the adam_eps field were trained with torch's default
+        return Config(**{"adam_eps": 1e-8, **json.loads(saved["config"])})
     except (TypeError, ValueError) as error:
         raise DetectorError(f"checkpoint {path} holds a configuration this version cannot read ({error}); "
                             "retrain") from None
 
 
 TRAINING_FIELDS = ("max_train_per_class", "seed", "train_noise", "fiber_batch", "epochs", "batch_size", "lr", "beta1",
-                   "beta2", "weight_decay", "grad_clip", "val_fraction", "patience", "held_out_checks", "threshold_fpr")
+                   "beta2", "adam_eps", "weight_decay", "grad_clip", "val_fraction", "patience", "held_out_checks",
+                   "threshold_fpr")
 """Settings that made a checkpoint (its fit images, held-out images, training and threshold) without changing how
 it scores: ``main.py --eval_only`` refuses other values, since its results.json would report them."""
 

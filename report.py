@@ -19,11 +19,13 @@ from utils import atomic_write_bytes, atomic_write_json
 
 def selection_note(config: Config) -> str:
     """What chose the kept epoch and the threshold (never the test set)."""
+    f1 = ("; F1-max (CFLOW) is by its definition the F1 at the best threshold on the test set, a metric, not the "
+          "detector's threshold") if config.method == "cflow" else ""
     if config.val_fraction > 0:
         return ("no epoch, threshold or setting was selected on the test set: the kept epoch and the decision "
-                "threshold come from held-out normal training images")
+                f"threshold come from held-out normal training images{f1}")
     return ("no epoch, threshold or setting was selected on the test set: with val_fraction 0 the last epoch is kept "
-            "and the decision threshold comes from the fit images' own scores")
+            f"and the decision threshold comes from the fit images' own scores{f1}")
 
 
 MAP_NORM_NOTES = {
@@ -135,8 +137,8 @@ def one_class_table(config: Config, per_class: dict[str, dict[str, Any]], mean: 
 
 
 CFLOW_ROWS = (("image_auroc", "Image AUROC", "{:.3f}"), ("pixel_auroc", "Pixel AUROC", "{:.3f}"),
-              ("aupro", "AUPRO@0.3", "{:.3f}"), ("image_f1", "Image F1-max", "{:.3f}"),
-              ("pixel_f1", "Pixel F1-max", "{:.3f}"), ("seconds_per_epoch", "Train s/epoch", "{:.1f}"),
+              ("aupro", "AUPRO@0.3", "{:.3f}"), ("image_f1", "Image F1-max (best test threshold)", "{:.3f}"),
+              ("pixel_f1", "Pixel F1-max (best test threshold)", "{:.3f}"), ("seconds_per_epoch", "Train s/epoch", "{:.1f}"),
               ("train_fibers_per_second", "Train fibers/s", "{:.0f}"), ("kept_epoch", "Kept epoch", "{:.0f}"))
 
 

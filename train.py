@@ -170,7 +170,7 @@ def _trained_parts(epochs: Iterable[int], run_epoch: Callable[[int], Iterator[fl
 
 def _adam(parameters: Any, config: Config) -> torch.optim.Adam:
     fused = torch.device(config.device).type in ("cpu", "cuda")  # one kernel per step: about half the step time
-    return torch.optim.Adam(parameters, lr=config.lr, betas=(config.beta1, config.beta2),
+    return torch.optim.Adam(parameters, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.adam_eps,
                             weight_decay=config.weight_decay, fused=fused)
 
 

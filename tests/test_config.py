@@ -10,9 +10,9 @@ import config as config_module
 from config import (METHOD_DEFAULTS, PRESET_GROUPS, PRESETS, Config, ConfigError, make_config, parse_args)
 
 CFLOW = dict(n_flow_layers=8, clamp=1.9, condition_dims=128, fiber_batch=256, lr=2e-4, beta1=0.9, beta2=0.999,
-             weight_decay=0.0, batch_size=32)
-SANF = dict(n_flow_layers=4, clamp=3.0, hidden=1024, heads=4, lr=5e-5, beta1=0.8, beta2=0.8, weight_decay=1e-5,
-            batch_size=32)
+             adam_eps=1e-8, weight_decay=0.0, batch_size=32)
+SANF = dict(n_flow_layers=4, clamp=3.0, hidden=1024, heads=4, lr=5e-5, beta1=0.8, beta2=0.8, adam_eps=1e-4,
+            weight_decay=1e-5, batch_size=32)  # eps: the public code's (ANCHORS A.3)
 
 
 def values(config: Config, names) -> dict:

@@ -266,3 +266,16 @@ def test_evaluate_notes_defective_images_with_empty_masks_and_masks_without_defe
     assert blank["image_auroc"] == pytest.approx(roc_auc_score(labels, scores))
     masks[3, 0, 0] = True
     assert "note" not in evaluate(labels, scores, masks, maps)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_every_metric_refuses_non_finite_scores_alike(bad):
+    labels = np.array([0, 1, 0, 1])
+    scores = np.array([0.1, 0.9, bad, 0.7])
+    masks = np.zeros((1, 2, 2), bool)
+    masks[0, 0, 0] = True
+    maps = scores.reshape(1, 2, 2)
+    for metric, args in ((image_auroc, (labels, scores)), (f1_max, (labels, scores)), (pixel_auroc, (masks, maps)),
+                         (aupro, (masks, maps))):
+        with pytest.raises(ValueError, match="contains (NaN|infinite values)"):
+            metric(*args)

@@ -422,7 +422,7 @@ def test_caff_context_auto_keeps_full_on_a_tie_and_never_a_non_finite_held_out_n
     assert auto.info["caff_context_train_seconds"] == {"full": 1.0, "half": 1.0}
 
 
-def test_a_checkpoint_from_before_caff_context_auto_takes_its_reading_from_its_settings(tmp_path):
+def test_a_checkpoint_from_before_caff_context_auto_and_adam_eps_reads_as_it_was_trained(tmp_path):
     semantic, patches = correlated_tokens(300)
     fit = {"sem": semantic[:250].float(), "patches": patches[:250].float()}
     held = {"sem": semantic[250:].float(), "patches": patches[250:].float()}
@@ -431,9 +431,11 @@ def test_a_checkpoint_from_before_caff_context_auto_takes_its_reading_from_its_s
     saved = torch.load(tmp_path / "half.pt", weights_only=True)
     meta = json.loads(saved["meta"])
     del meta["caff_context"]  # what a checkpoint written before --caff_context auto holds
-    torch.save({**saved, "meta": json.dumps(meta)}, tmp_path / "old.pt")
+    settings = json.loads(saved["config"])
+    del settings["adam_eps"]  # nor had it this field: it was trained with torch's default
+    torch.save({**saved, "meta": json.dumps(meta), "config": json.dumps(settings)}, tmp_path / "old.pt")
     old = load_detector(tmp_path / "old.pt")
-    assert old.model.context == "half"
+    assert old.model.context == "half" and old.config.adam_eps == 1e-8
     assert np.allclose(old.score(held)[0], half.score(held)[0], atol=1e-6)
 
 
