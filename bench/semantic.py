@@ -77,8 +77,8 @@ def main() -> None:
     header = (f"{base.dataset} one-class protocol ({first['n_fit']} training images per class fitted, {first['n_held_out']} "
               f"held out for every method, {first['n_test']} test images), {base.backbone} at {base.img_size} px, patch grid {base.patch_grid}; SANF: "
               f"{base.n_flow_layers} flow layers, hidden {base.hidden}, {base.epochs} epochs at most (patience {base.patience}), "
-              f"batch {base.batch_size}, "
-              f"lr {base.lr:g}, weight decay {base.weight_decay:g}, score {base.score}; kNN k={base.knn_k}; "
+              f"batch {base.batch_size}, lr {base.lr:g}, Adam betas ({base.beta1:g}, {base.beta2:g}) eps "
+              f"{base.adam_eps:g}, weight decay {base.weight_decay:g}, score {base.score}; kNN k={base.knn_k}; "
               f"token_norm {base.token_norm} for every method. {torch.get_num_threads()} CPU threads.")
     footer = (f"Wall time: feature extraction (what the cache lacked) {extract_seconds:.0f} s, whole run "
               f"{total:.0f} s; cache {folder_bytes(cache_folder(base)) / 1e9:.2f} GB.")
