@@ -384,6 +384,8 @@ def _read_config_file(path: str) -> dict[str, Any]:
     for name, value in data.items():
         if not _has_type(name, value):
             raise ConfigError(f"config file {path}: {name} must be {_TYPES[name].__name__}, got {value!r}")
+    if set(_FIELDS) - set(data) == {"adam_eps"}:  # a saved run from before the field: torch's default trained it
+        data = {**data, "adam_eps": 1e-8}
     return data
 
 

@@ -126,6 +126,18 @@ def test_config_file_round_trip(tmp_path):
     bare = tmp_path / "config.json"
     bare.write_text(json.dumps({"method": "cflow", "clamp": 2}))
     assert (parse_args(["--config", str(bare)]).clamp, parse_args(["--config", str(bare)]).lr) == (2.0, 2e-4)
+    assert parse_args(["--config", str(bare)]).adam_eps == 1e-8  # a partial file: the method's default
+
+
+def test_a_saved_sanf_run_from_before_adam_eps_replays_with_the_eps_it_was_trained_with(tmp_path):
+    """Every saved run lacking the field trained with torch's 1e-8; a checkpoint reads it so too, so
+    --eval_only --config <old results.json> matches its checkpoint."""
+    old = make_config("demo").to_dict()
+    del old["adam_eps"]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"config": old}))
+    assert parse_args(["--config", str(path)]).adam_eps == 1e-8
+    assert make_config("demo").adam_eps == 1e-4
 
 
 @pytest.mark.parametrize("content, message", [
