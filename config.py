@@ -384,9 +384,14 @@ def _read_config_file(path: str) -> dict[str, Any]:
     for name, value in data.items():
         if not _has_type(name, value):
             raise ConfigError(f"config file {path}: {name} must be {_TYPES[name].__name__}, got {value!r}")
-    if set(_FIELDS) - set(data) == {"adam_eps"}:  # a saved run from before the field: torch's default trained it
-        data = {**data, "adam_eps": 1e-8}
+    if set(_FIELDS) - set(data) == {"adam_eps"}:  # every field but that one: a run saved before it existed
+        data = as_trained_before_adam_eps(data)
     return data
+
+
+def as_trained_before_adam_eps(saved: dict[str, Any]) -> dict[str, Any]:
+    """Saved settings from before the ``adam_eps`` field, with the eps they trained with (torch's 1e-8)."""
+    return {"adam_eps": 1e-8, **saved}
 
 
 _USAGE = "%(prog)s [--preset NAME] [--method METHOD] [--config FILE] [--FIELD VALUE ...] [-h]"

@@ -420,8 +420,9 @@ def cats_vs_dogs(root: Path, test_fraction: float = 0.2) -> LabelledSplits:
     shuffled with a fixed seed and the last 20 % are the test split (10,000 / 2,500 per class for the
     12,500-image Kaggle set, the PANDA / MSAD protocol).
     """
-    if (root / "train").is_dir() and any(p.name.lower().startswith(("cat.", "dog.")) for p in _list_images(
-            root / "train")):
+    competition = (root / "train").is_dir() and any(
+        path.name.lower().startswith(("cat.", "dog.")) for path in _list_images(root / "train"))
+    if competition:
         raise DataError(f"{root} is the Kaggle competition layout (train/cat.N.jpg, test1/), whose test images "
                         "have no labels; the protocol uses Microsoft's PetImages folder (Cat/, Dog/): point "
                         "--data_root at it")
@@ -471,7 +472,7 @@ def _defect_task(name: str, root: Path, masks_required: bool, key_prefix: str) -
     masks: list[str | None] = []
     missing_masks: list[str] = []
     has_ground_truth = (root / "ground_truth").is_dir()
-    for defect in sorted(p.name for p in (root / "test").iterdir() if p.is_dir()):
+    for defect in _class_folders(root / "test"):
         normal = defect.lower() == "good"  # test/Good too (a case-insensitive disk finds train/good in Train/Good)
         for path in _list_images(root / "test" / defect):
             test_paths.append(str(path))

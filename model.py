@@ -38,7 +38,7 @@ from tqdm import tqdm
 from anomaly_map import (AnomalyMapGenerator, ScoringRule, StageStatistics, candidate_rules, select_scoring,
                          stage_statistics)
 from baselines import GaussianScorer, KNNScorer
-from config import Config, ConfigError
+from config import Config, ConfigError, as_trained_before_adam_eps
 from datasets import DataError, ImageList, InputLoader
 from extractor import FeatureExtractor, image_batches
 from fusion import build_sanf_flow
@@ -964,8 +964,8 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
 
 def trained_config(saved: dict[str, Any], path: Path) -> Config:
     """The configuration a checkpoint was trained with."""
-    try:  # checkpoints from before the adam_eps field were trained with torch's default
-        return Config(**{"adam_eps": 1e-8, **json.loads(saved["config"])})
+    try:  # a checkpoint holds every field of its time
+        return Config(**as_trained_before_adam_eps(json.loads(saved["config"])))
     except (TypeError, ValueError) as error:
         raise DetectorError(f"checkpoint {path} holds a configuration this version cannot read ({error}); "
                             "retrain") from None

@@ -6,9 +6,9 @@ Writes ``OUT/predictions.csv`` (``path,score,anomalous``: ``anomalous`` is 1 whe
 the threshold stored in the checkpoint, which was set on held-out normal *training* images) and, for
 a CFLOW detector, ``OUT/maps/<name>.npy`` (float16, img_size x img_size) and ``OUT/overlays/<name>.png``
 per image. The outputs are written into ``OUT/.predict-partial`` and moved into place once every image
-is scored, replacing an earlier run's: a run that stops leaves the earlier outputs as they were. The checkpoint is read with ``torch.load(weights_only=True)``: no pickled code runs. The
-backbone comes from its recorded weights (``--weights FILE`` where that file lives elsewhere now; its
-hash must match).
+is scored, replacing an earlier run's: a run that stops leaves the earlier outputs as they were. The
+checkpoint is read with ``torch.load(weights_only=True)``: no pickled code runs. The backbone comes from
+its recorded weights (``--weights FILE`` where that file lives elsewhere now; its hash must match).
 """
 
 from __future__ import annotations
@@ -143,8 +143,6 @@ def images_to_score(pattern: str, out: Path) -> list[str]:
     images' folder holds an earlier run's overlays, which are not images to score."""
     if not any(char in pattern for char in "*?[") and not Path(pattern).expanduser().exists():
         raise DataError(f"--images {pattern}: no such folder or file")
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out} is a file; pass a folder")
     out_folder = out.resolve()
     files = list_image_files(pattern)
     kept = [str(path) for path in files if not path.resolve().is_relative_to(out_folder)]

@@ -138,7 +138,8 @@ def one_class_table(config: Config, per_class: dict[str, dict[str, Any]], mean: 
 
 CFLOW_ROWS = (("image_auroc", "Image AUROC", "{:.3f}"), ("pixel_auroc", "Pixel AUROC", "{:.3f}"),
               ("aupro", "AUPRO@0.3", "{:.3f}"), ("image_f1", "Image F1-max (best test threshold)", "{:.3f}"),
-              ("pixel_f1", "Pixel F1-max (best test threshold)", "{:.3f}"), ("seconds_per_epoch", "Train s/epoch", "{:.1f}"),
+              ("pixel_f1", "Pixel F1-max (best test threshold)", "{:.3f}"),
+              ("seconds_per_epoch", "Train s/epoch", "{:.1f}"),
               ("train_fibers_per_second", "Train fibers/s", "{:.0f}"), ("kept_epoch", "Kept epoch", "{:.0f}"))
 
 

@@ -338,8 +338,8 @@ def header(config: Config, peer: dict[str, Any], cached: dict[str, Any]) -> str:
     matched = config.fiber_batch == ANOMALIB_FIBER_BATCH and config.lr == ANOMALIB_LR
     ours_setting = "set to anomalib's" if matched else "--fiber_batch 64 --lr 1e-4 would match anomalib's"
     return (f"{dataset_label(config)}, read by anomalib's {peer['data_note']}; {peer['n_test']} test images. "
-            f"{config.backbone} stages {','.join(cached['stages'])} at {config.img_size} px, {config.epochs} epoch(s), image batch "
-            f"{config.batch_size}, {config.n_flow_layers} coupling blocks, clamp {config.clamp:g}. "
+            f"{config.backbone} stages {','.join(cached['stages'])} at {config.img_size} px, {config.epochs} epoch(s), "
+            f"image batch {config.batch_size}, {config.n_flow_layers} coupling blocks, clamp {config.clamp:g}. "
             f"Adam fibers per step / lr: anomalib {ANOMALIB_FIBER_BATCH} / {ANOMALIB_LR:g} (its defaults), ours "
             f"{config.fiber_batch} / {config.lr:g} ({ours_setting}; the cflow method defaults are 256 / 2e-4). "
             f"Training images: anomalib trains on all {peer['n_train']}; ours holds out {cached['n_held_out']} "
