@@ -149,6 +149,13 @@ class Config:
                            "CFLOW 1e-8, torch's default as in its official code)")
     weight_decay: float = _opt("training", 1e-5, "Adam weight decay (SANF paper 1e-5; CFLOW 0)")
     grad_clip: float = _opt("training", 0.0, "max gradient norm (0 = off, as the public code)")
+    lr_schedule: str = _opt("training", "constant", "CFLOW: constant (lr throughout, as anomalib) or official "
+                            "(CFLOW-AD's code: a meta-epoch is sub_epochs epochs; over the first 2 meta-epochs lr "
+                            "rises per image batch from lr/10 to the cosine value of meta-epoch 2, then it follows a "
+                            "cosine from lr to lr*1e-3 over epochs/sub_epochs meta-epochs, stepped once per "
+                            "meta-epoch; the official run is --epochs 200: 25 x 8)", ("constant", "official"))
+    sub_epochs: int = _opt("training", 8, "CFLOW with --lr_schedule official: epochs per meta-epoch (official 8); "
+                           "epochs must be a multiple of it, at least 3 meta-epochs")
     val_fraction: float = _opt("training", 0.1, "seeded fraction of the normal training images held out of the fit: "
                                "their likelihood picks the kept epoch (lowest held-out NLL, epoch 0 included: "
                                "training never ends worse on them than it started) and their scores set the decision "
@@ -223,8 +230,8 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "sanf": dict(n_flow_layers=4, clamp=3.0, hidden=1024, heads=4, lr=5e-5, beta1=0.8, beta2=0.8, adam_eps=1e-4,
                  weight_decay=1e-5, batch_size=32, epochs=10, grad_clip=0.0),
     # CFLOW-AD official code, except permute_soft off as anomalib (soft permutations are drawn from SO(C), very
-    # slow above 512 channels) and the epochs: the official schedule of 25 x 8 epochs with warm-up and cosine
-    # decay is more than a CPU can afford.
+    # slow above 512 channels) and the epochs: the official 25 x 8 epochs with warm-up and cosine decay
+    # (--lr_schedule official --epochs 200) are more than a CPU can afford, so 10 at a constant lr.
     "cflow": dict(n_flow_layers=8, clamp=1.9, condition_dims=128, fiber_batch=256, lr=2e-4, beta1=0.9, beta2=0.999,
                   adam_eps=1e-8, weight_decay=0.0, batch_size=32, epochs=10, grad_clip=0.0, permute_soft=False,
                   patience=2),
@@ -324,7 +331,8 @@ def validate(config: Config) -> None:
         if _TYPES[name] in (int, float) and value < 0:
             raise ConfigError(f"{name} must be >= 0, got {value}")
     for name in ("img_size", "stage_workers", "n_flow_layers", "hidden", "heads", "batch_size", "fiber_batch",
-                 "test_batch_size", "extract_batch_size", "knn_k", "condition_dims", "patch_grid", "held_out_checks"):
+                 "test_batch_size", "extract_batch_size", "knn_k", "condition_dims", "patch_grid", "held_out_checks",
+                 "sub_epochs"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
     if not config.adam_eps > 0:
@@ -335,6 +343,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"val_fraction must lie in [0, 0.5], got {config.val_fraction}")
     if not 0 < config.threshold_fpr < 1:
         raise ConfigError(f"threshold_fpr must lie in (0, 1), got {config.threshold_fpr}")
+    check_lr_schedule(config)
     if config.condition_dims % 4:
         raise ConfigError(f"condition_dims must be a multiple of 4, got {config.condition_dims}")
     if not config.cache and config.method != "cflow":
@@ -350,6 +359,20 @@ def validate(config: Config) -> None:
         check_scoring_stages(config.scoring, config.layer_list())
     else:
         check_scoring_stages(config.scoring, None)
+
+
+def check_lr_schedule(config: Config) -> None:
+    """--lr_schedule official: CFLOW only, a whole number of meta-epochs, more than the 2 of the warm-up."""
+    if config.lr_schedule == "constant":
+        return
+    if config.method != "cflow":
+        raise ConfigError(f"--lr_schedule {config.lr_schedule} is CFLOW-AD's official schedule; method "
+                          f"{config.method} trains at a constant lr: drop it")
+    if config.epochs % config.sub_epochs or config.epochs // config.sub_epochs < 3:
+        raise ConfigError(f"--lr_schedule official runs whole meta-epochs of --sub_epochs {config.sub_epochs} epochs, "
+                          f"at least 3 (2 of them warm up); --epochs {config.epochs} is not a multiple of "
+                          f"{config.sub_epochs} of at least {3 * config.sub_epochs}: pass --epochs 200 (the official "
+                          "25 x 8) or another such multiple")
 
 
 def check_scoring_stages(scoring: str, layers: list[str] | None, resolved_from_auto: bool = False) -> None:
@@ -384,14 +407,20 @@ def _read_config_file(path: str) -> dict[str, Any]:
     for name, value in data.items():
         if not _has_type(name, value):
             raise ConfigError(f"config file {path}: {name} must be {_TYPES[name].__name__}, got {value!r}")
-    if set(_FIELDS) - set(data) == {"adam_eps"}:  # every field but that one: a run saved before it existed
-        data = as_trained_before_adam_eps(data)
+    missing = set(_FIELDS) - set(data)
+    if missing and missing <= set(FIELDS_ADDED_LATER):  # every field but some added later: a saved run
+        data = as_trained_before(data)
     return data
 
 
-def as_trained_before_adam_eps(saved: dict[str, Any]) -> dict[str, Any]:
-    """Saved settings from before the ``adam_eps`` field, with the eps they trained with (torch's 1e-8)."""
-    return {"adam_eps": 1e-8, **saved}
+FIELDS_ADDED_LATER: dict[str, Any] = {"adam_eps": 1e-8, "lr_schedule": "constant", "sub_epochs": 8}
+"""Fields added after runs had been saved, with the value every run saved before them trained with (Adam's eps
+was torch's default; the learning rate was constant)."""
+
+
+def as_trained_before(saved: dict[str, Any]) -> dict[str, Any]:
+    """Saved settings (a checkpoint's, or a results.json's) with the fields added since, as they trained."""
+    return {**FIELDS_ADDED_LATER, **saved}
 
 
 _USAGE = "%(prog)s [--preset NAME] [--method METHOD] [--config FILE] [--FIELD VALUE ...] [-h]"

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from anomaly_map import (AnomalyMapGenerator, ScoringRule, StageStatistics, candidate_rules, select_scoring,
                          stage_statistics)
 from baselines import GaussianScorer, KNNScorer
-from config import Config, ConfigError, as_trained_before_adam_eps
+from config import Config, ConfigError, as_trained_before
 from datasets import DataError, ImageList, InputLoader
 from extractor import FeatureExtractor, image_batches
 from fusion import build_sanf_flow
@@ -965,15 +965,15 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
 def trained_config(saved: dict[str, Any], path: Path) -> Config:
     """The configuration a checkpoint was trained with."""
     try:  # a checkpoint holds every field of its time
-        return Config(**as_trained_before_adam_eps(json.loads(saved["config"])))
+        return Config(**as_trained_before(json.loads(saved["config"])))
     except (TypeError, ValueError) as error:
         raise DetectorError(f"checkpoint {path} holds a configuration this version cannot read ({error}); "
                             "retrain") from None
 
 
 TRAINING_FIELDS = ("max_train_per_class", "seed", "train_noise", "fiber_batch", "epochs", "batch_size", "lr", "beta1",
-                   "beta2", "adam_eps", "weight_decay", "grad_clip", "val_fraction", "patience", "held_out_checks",
-                   "threshold_fpr")
+                   "beta2", "adam_eps", "weight_decay", "grad_clip", "lr_schedule", "sub_epochs", "val_fraction", "patience",
+                   "held_out_checks", "threshold_fpr")
 """Settings that made a checkpoint (its fit images, held-out images, training and threshold) without changing how
 it scores: ``main.py --eval_only`` refuses other values, since its results.json would report them."""
 

@@ -9,7 +9,8 @@ No test image is looked at.
 
 - :func:`train_sanf`: SANF-AD, one Adam step per batch of ``batch_size`` images.
 - :func:`train_cflow`: CFLOW-AD, per image batch and stage, all fibers shuffled and cut into chunks
-  of ``fiber_batch``, one Adam step per chunk (official code: 256, anomalib: 64). The stages' decoders
+  of ``fiber_batch``, one Adam step per chunk (official code: 256, anomalib: 64), at a constant lr or
+  the official code's warm-up and cosine schedule (:func:`official_cflow_lr`). The stages' decoders
   are independent; with ``stage_workers`` > 1 groups of them train side by side in worker processes
   (:class:`StageTrainer`), with the same weights as in one process.
 
@@ -237,6 +238,36 @@ def train_sanf(model: nn.Module, fit: dict[str, Tensor], held_out: dict[str, Ten
 # ----------------------------------------------------------------------------- CFLOW
 
 
+WARM_UP_META_EPOCHS = 2
+"""Meta-epochs of CFLOW-AD's official learning-rate warm-up (``lr_warm_epochs``)."""
+
+
+def official_cflow_lr(config: Config, epoch: int, batch: int, batches: int) -> float:
+    """CFLOW-AD's official learning rate at image batch ``batch`` (0-based) of the ``batches`` of ``epoch``
+    (1-based), ``--lr_schedule official``.
+
+    The official code trains ``meta_epochs`` x ``sub_epochs`` epochs (25 x 8); here ``epochs`` /
+    ``sub_epochs`` meta-epochs. At the start of every meta-epoch ``m`` (0-based) the lr is set to the cosine
+    value ``eta_min + (lr - eta_min)(1 + cos(pi m / meta_epochs)) / 2`` with ``eta_min = lr * 0.1^3``
+    (``adjust_learning_rate``); during the first 2 meta-epochs a linear warm-up over their image batches,
+    from ``lr / 10`` to the cosine value of meta-epoch 2, replaces it (``warmup_learning_rate``).
+    """
+    meta_epochs = config.epochs // config.sub_epochs
+    meta_epoch, sub_epoch = divmod(epoch - 1, config.sub_epochs)
+    eta_min = config.lr * 0.1 ** 3
+
+    def cosine(at_meta_epoch: int) -> float:
+        return eta_min + (config.lr - eta_min) * (1 + math.cos(math.pi * at_meta_epoch / meta_epochs)) / 2
+
+    if meta_epoch >= WARM_UP_META_EPOCHS:
+        return cosine(meta_epoch)
+    batches_per_meta_epoch = batches * config.sub_epochs
+    done = meta_epoch * batches_per_meta_epoch + sub_epoch * batches + batch
+    warm_up_from = config.lr / 10
+    return warm_up_from + done / (WARM_UP_META_EPOCHS * batches_per_meta_epoch) * (cosine(WARM_UP_META_EPOCHS)
+                                                                                   - warm_up_from)
+
+
 def stage_loss_function(model: nn.Module, compile_it: bool) -> Callable[[str, Tensor, Tensor], Tensor]:
     """``loss(stage, fibers, conditions)``: the CFLOW loss of a chunk under its stage's flow, compiled by
     ``torch.compile`` (one graph per stage, forward and backward) when ``compile_it``."""
@@ -283,7 +314,11 @@ class StageTrainer:
         """One epoch over the fit images in ``order``; per stage, the loss summed over fibers and their count."""
         self.model.train()
         totals = {stage: (0.0, 0) for stage in self.stages}
+        batches = math.ceil(len(order) / self.config.batch_size)
         for batch, features in enumerate(self.fit.batches(self.config.batch_size, torch.tensor(order))):
+            if self.config.lr_schedule == "official":
+                for group in self.optimizer.param_groups:
+                    group["lr"] = official_cflow_lr(self.config, epoch, batch, batches)
             for stage, feature_map in features.items():
                 where = f"epoch {epoch}, image batch {batch + 1}, stage {stage} of '{self.name}'"
                 with record_function("train.fibers"):

@@ -16,7 +16,9 @@ from conftest import untimed_curve
 from model import (CFlowDetector, CFlowModel, StageFeatures, anomaly_maps, build_cflow_decoder,
                    positional_encoding_2d)
 from report import cflow_table, figure_indices
-from train import TrainingError, cflow_loss, shuffled_fiber_chunks, stage_groups, stage_loss_function, train_cflow
+import train as train_module
+from train import (TrainingError, cflow_loss, official_cflow_lr, shuffled_fiber_chunks, stage_groups,
+                   stage_loss_function, train_cflow)
 
 OFFICIAL_GCONST = -0.9189385332046727  # ln(1/sqrt(2 pi)), ``_GCONST_`` in the official code
 
@@ -431,6 +433,62 @@ def test_held_out_nll_picks_the_kept_epoch_and_never_ends_above_the_start():
             fibers, conditions = model.fibers_of(held_out.maps[stage])
             values.append(-model.fiber_log_likelihood_per_dim(stage, fibers, conditions).double().mean().item())
     assert np.mean(values) == pytest.approx(info["held_out_nll"], rel=1e-5)
+
+
+def official_code_rates(lr: float, meta_epochs: int, sub_epochs: int, batches: int) -> list[float]:
+    """The learning rate of every image batch of an official CFLOW-AD run, set as its code sets it: its
+    config (``lr_warm``, ``lr_cosine``, ``lr_decay_rate`` 0.1, ``lr_warm_epochs`` 2), then per meta-epoch
+    ``adjust_learning_rate`` and per image batch ``warmup_learning_rate``, read back from the param group."""
+    warm_epochs, decay_rate = 2, 0.1
+    warmup_from = lr / 10.0
+    eta_min = lr * decay_rate ** 3
+    warmup_to = eta_min + (lr - eta_min) * (1 + math.cos(math.pi * warm_epochs / meta_epochs)) / 2
+    param_group, rates = {}, []
+    for epoch in range(meta_epochs):
+        param_group["lr"] = eta_min + (lr - eta_min) * (1 + math.cos(math.pi * epoch / meta_epochs)) / 2
+        for sub_epoch in range(sub_epochs):
+            for i in range(batches):
+                batch_id, total_batches = i + sub_epoch * batches, batches * sub_epochs
+                if epoch < warm_epochs:
+                    progress = (batch_id + epoch * total_batches) / (warm_epochs * total_batches)
+                    param_group["lr"] = warmup_from + progress * (warmup_to - warmup_from)
+                rates.append(param_group["lr"])
+    return rates
+
+
+def test_the_official_schedule_is_the_official_code_s_at_every_image_batch():
+    config = make_config("cflow_lite0", lr_schedule="official", epochs=200)
+    batches = 6
+    ours = [official_cflow_lr(config, epoch, batch, batches) for epoch in range(1, 201) for batch in range(batches)]
+    assert ours == pytest.approx(official_code_rates(2e-4, 25, 8, batches), rel=1e-12, abs=0)
+    # by hand: the warm-up starts at lr / 10 and ends at the cosine value of meta-epoch 2, which meta-epoch 3
+    # (epochs 17-24) keeps; the last meta-epoch is 24 of 25 steps down the cosine towards lr * 1e-3
+    eta_min = 2e-7
+    assert ours[0] == pytest.approx(2e-5, rel=1e-12)
+    meta_epoch_2 = eta_min + (2e-4 - eta_min) * (1 + math.cos(2 * math.pi / 25)) / 2
+    assert ours[16 * batches] == ours[24 * batches - 1] == pytest.approx(meta_epoch_2, rel=1e-12)
+    assert ours[16 * batches - 1] == pytest.approx(2e-5 + (meta_epoch_2 - 2e-5) * (16 * batches - 1) / (16 * batches))
+    assert ours[-1] == pytest.approx(eta_min + (2e-4 - eta_min) * (1 + math.cos(24 * math.pi / 25)) / 2, rel=1e-12)
+
+
+def test_training_with_the_official_schedule_steps_at_its_rate_in_every_image_batch(monkeypatch):
+    """Every Adam step of an image batch runs at that batch's rate (5 fit images, batches of 3: 2 per epoch)."""
+    config = small_config(epochs=3, sub_epochs=1, lr_schedule="official", patience=0)
+    rates = []
+    step = train_module._step
+
+    def recording_step(loss, optimizer, parameters, config, where):
+        rates.append(optimizer.param_groups[0]["lr"])
+        return step(loss, optimizer, parameters, config, where)
+
+    monkeypatch.setattr(train_module, "_step", recording_step)
+    fit = random_stage_features(5, 2, config, shift=2.0)
+    train_cflow(CFlowModel(STAGE_CHANNELS, condition_dims=8, n_blocks=2, seed=0), fit, None, config, "synthetic")
+    chunks_per_batch = [math.ceil(3 * 64 / 50) + 1, math.ceil(2 * 64 / 50) + 1]  # two stages, 50 fibers per step
+    expected = [rate for index, rate in enumerate(official_code_rates(1e-3, 3, 1, 2))
+                for _ in range(chunks_per_batch[index % 2])]
+    assert rates == pytest.approx(expected, rel=1e-12)
+    assert rates[0] == pytest.approx(1e-4) and len(set(rates)) == 5  # 4 warm-up rates, then meta-epoch 2's
 
 
 def test_stage_groups_balance_the_costs_and_keep_the_stage_order():

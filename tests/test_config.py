@@ -229,3 +229,29 @@ def test_a_torch_device_other_than_cpu_or_cuda_is_refused_before_any_work():
 
     with pytest.raises(ConfigError, match="--device mps: this code supports cpu and cuda only; use --device cpu"):
         check_device("mps")
+
+
+def test_the_official_lr_schedule_is_cflow_s_over_whole_meta_epochs():
+    assert parse_args(["--method", "cflow"]).lr_schedule == "constant"
+    official = parse_args(["--method", "cflow", "--lr_schedule", "official", "--epochs", "200"])
+    assert (official.lr_schedule, official.epochs // official.sub_epochs) == ("official", 25)
+    with pytest.raises(ConfigError, match="--epochs 200"):
+        parse_args(["--method", "cflow", "--lr_schedule", "official"])  # 10 epochs: not whole meta-epochs
+    with pytest.raises(ConfigError, match="at least 24"):
+        make_config("cflow_lite0", lr_schedule="official", epochs=16)  # 2 meta-epochs: only the warm-up
+    assert make_config("cflow_lite0", lr_schedule="official", epochs=3, sub_epochs=1).epochs == 3
+    with pytest.raises(ConfigError, match="method sanf trains at a constant lr"):
+        make_config("demo", lr_schedule="official", epochs=24)
+    with pytest.raises(ConfigError, match="sub_epochs must be >= 1"):
+        make_config("cflow_lite0", sub_epochs=0)
+
+
+def test_a_saved_run_from_before_the_lr_schedule_replays_at_the_constant_lr_it_trained_with(tmp_path):
+    old = make_config("cflow_lite0").to_dict()
+    for name in ("adam_eps", "lr_schedule", "sub_epochs"):
+        del old[name]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"config": old}))
+    replayed = parse_args(["--config", str(path)])
+    assert (replayed.lr_schedule, replayed.adam_eps) == ("constant", 1e-8)
+    assert replayed == make_config("cflow_lite0")

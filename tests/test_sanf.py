@@ -422,7 +422,7 @@ def test_caff_context_auto_keeps_full_on_a_tie_and_never_a_non_finite_held_out_n
     assert auto.info["caff_context_train_seconds"] == {"full": 1.0, "half": 1.0}
 
 
-def test_a_checkpoint_from_before_caff_context_auto_and_adam_eps_reads_as_it_was_trained(tmp_path):
+def test_a_checkpoint_from_before_caff_context_auto_adam_eps_and_lr_schedule_reads_as_it_was_trained(tmp_path):
     semantic, patches = correlated_tokens(300)
     fit = {"sem": semantic[:250].float(), "patches": patches[:250].float()}
     held = {"sem": semantic[250:].float(), "patches": patches[250:].float()}
@@ -432,10 +432,11 @@ def test_a_checkpoint_from_before_caff_context_auto_and_adam_eps_reads_as_it_was
     meta = json.loads(saved["meta"])
     del meta["caff_context"]  # what a checkpoint written before --caff_context auto holds
     settings = json.loads(saved["config"])
-    del settings["adam_eps"]  # nor had it this field: it was trained with torch's default
+    for name in ("adam_eps", "lr_schedule", "sub_epochs"):  # nor had it these fields: torch's eps, a constant lr
+        del settings[name]
     torch.save({**saved, "meta": json.dumps(meta), "config": json.dumps(settings)}, tmp_path / "old.pt")
     old = load_detector(tmp_path / "old.pt")
-    assert old.model.context == "half" and old.config.adam_eps == 1e-8
+    assert old.model.context == "half" and (old.config.adam_eps, old.config.lr_schedule) == (1e-8, "constant")
     assert np.allclose(old.score(held)[0], half.score(held)[0], atol=1e-6)
 
 
