@@ -38,6 +38,7 @@ CIFAR100_SUPERCLASSES = (
     "large_natural_outdoor_scenes", "large_omnivores_and_herbivores", "medium_mammals", "non-insect_invertebrates",
     "people", "reptiles", "small_mammals", "trees", "vehicles_1", "vehicles_2",
 )
+STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
 DIGITS_SPLIT_SEED = 0  # fixed: the digits train/test halves are part of the dataset's definition
 
 
@@ -229,14 +230,19 @@ def _class_folders(folder: Path) -> tuple[str, ...]:
     return tuple(sorted(p.name for p in folder.iterdir() if p.is_dir()))
 
 
-def _image_folder(root: Path, dataset: str = "", expected: Sequence[str] = ()) -> LabelledSplits:
+def _image_folder(root: Path, dataset: str = "", expected: Sequence[str] = (), count: int = 0) -> LabelledSplits:
     """``root/train/<class>/*`` and ``root/test/<class>/*`` (torchvision ImageFolder layout).
 
     ``expected``: the class names the dataset's protocol defines (CIFAR-10's 10 classes, CIFAR-100's 20
-    superclasses); other folders are refused, since the one-class protocol scores the whole test split."""
+    superclasses, STL-10's 10); other folders are refused, since the one-class protocol scores the whole test
+    split. ``count``: the number of classes, where their folder names are not fixed (MNIST's digits)."""
     classes = _class_folders(root / "train")
     if not classes:
         raise DataError(f"no class folders under {root / 'train'}")
+    if count and len(classes) != count:
+        raise DataError(f"{dataset} folders under {root / 'train'} are {len(classes)} classes ({', '.join(classes)}); "
+                        f"the protocol needs its {count}: arrange train/<class>/ and test/<class>/ so, or give "
+                        "torchvision's files")
     if expected and set(classes) != set(expected):
         hint = (" (these look like CIFAR-100's 100 fine classes; the protocol uses the 20 superclasses)"
                 if len(classes) == 100 else "")
@@ -379,7 +385,7 @@ def stl10(root: Path, download: bool) -> LabelledSplits:
         return LabelledSplits(names, _array_split("train", train_pixels, train_targets),
                               _array_split("test", test_pixels, test_targets))
     if _has_image_folder(root):
-        return _image_folder(root)
+        return _image_folder(root, "STL-10", STL10_CLASSES)
     raise _missing("STL-10", root, "stl10_binary/ (torchvision) or train/<class>/ and test/<class>/")
 
 
@@ -387,7 +393,7 @@ def _mnist_like(dataset_class: str, label: str, root: Path, download: bool) -> L
     import torchvision.datasets
 
     if _has_image_folder(root) and not (root / dataset_class).is_dir():
-        return _image_folder(root)
+        return _image_folder(root, label, count=10)
     try:
         splits = [getattr(torchvision.datasets, dataset_class)(str(root), train=train, download=download)
                   for train in (True, False)]

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from config import make_config
-from datasets import (CIFAR10_CLASSES, DataError, ImageList, dataset_identity, held_out_split, image_list_from_files,
-                      list_image_files, load_mask, load_tasks, mvtec_tasks)
+from datasets import (CIFAR10_CLASSES, STL10_CLASSES, DataError, ImageList, dataset_identity, held_out_split,
+                      image_list_from_files, list_image_files, load_mask, load_tasks, mvtec_tasks)
 
 
 def write_image(path: Path, value: int = 128, mode: str = "RGB", size: int = 16) -> None:
@@ -157,10 +157,10 @@ def test_bad_data_requests_explain_the_fix(overrides, message, monkeypatch):
 
 def test_corrupt_image_is_named(tmp_path):
     for split in ("train", "test"):
-        for name in ("a", "b"):
+        for name in STL10_CLASSES:
             write_image(tmp_path / split / name / "0.png")
-    (tmp_path / "train" / "a" / "1.png").write_bytes(b"not an image")
-    task = load_tasks(make_config("demo", dataset="stl10", data_root=str(tmp_path), classes="a"))[0]
+    (tmp_path / "train" / "airplane" / "1.png").write_bytes(b"not an image")
+    task = load_tasks(make_config("demo", dataset="stl10", data_root=str(tmp_path), classes="airplane"))[0]
     with pytest.raises(DataError, match="1.png"):
         task.train.load(1)
 
@@ -375,3 +375,26 @@ def test_cats_vs_dogs_folders_split_each_class_80_20_disjoint_and_repeatably(tmp
     more = load_tasks(config)
     assert "Cat/empty.jpg" not in more[0].train.ids + more[0].test.ids and len(more[0].train) == 9
     assert more[1].train.ids == tasks[1].train.ids
+
+
+@pytest.mark.parametrize("dataset, folders, message", [
+    ("stl10", ("a", "b"), "STL-10 folders .* are 2 classes; the protocol needs exactly airplane, bird, car"),
+    ("stl10", STL10_CLASSES[:9], "are 9 classes"),
+    ("mnist", tuple("0123456789")[:9], "MNIST folders .* are 9 classes .*the protocol needs its 10"),
+    ("fmnist", ("shirt", "trouser"), "Fashion-MNIST folders .* are 2 classes"),
+])
+def test_stl10_and_mnist_folders_need_the_protocol_s_classes(tmp_path, dataset, folders, message):
+    """A folder of other classes would be read as other one-class tasks, each scored against the wrong rest."""
+    for split in ("train", "test"):
+        for name in folders:
+            write_image(tmp_path / split / name / "0.png")
+    with pytest.raises(DataError, match=message):
+        load_tasks(make_config("demo", dataset=dataset, data_root=str(tmp_path)))
+
+
+def test_ten_digit_folders_are_mnist(tmp_path):
+    for split in ("train", "test"):
+        for name in "0123456789":
+            write_image(tmp_path / split / name / "0.png")
+    tasks = load_tasks(make_config("demo", dataset="mnist", data_root=str(tmp_path), classes="3"))
+    assert [task.name for task in tasks] == ["3"] and len(tasks[0].test) == 10
