@@ -154,6 +154,10 @@ class Config:
                             "rises per image batch from lr/10 to the cosine value of meta-epoch 2, then it follows a "
                             "cosine from lr to lr*1e-3 over epochs/sub_epochs meta-epochs, stepped once per "
                             "meta-epoch; the official run is --epochs 200: 25 x 8)", ("constant", "official"))
+    rotate_degrees: float = _opt("training", 0.0, "CFLOW with --no-cache: each fit image rotated about its centre by "
+                                 "an angle drawn uniformly from [-rotate_degrees, rotate_degrees] every time it is "
+                                 "trained on (nearest neighbour, black corners: the official code's RandomRotation(5)); "
+                                 "0 = none (cached features cannot be rotated)")
     sub_epochs: int = _opt("training", 8, "CFLOW with --lr_schedule official: epochs per meta-epoch (official 8); "
                            "epochs must be a multiple of it, at least 3 meta-epochs")
     val_fraction: float = _opt("training", 0.1, "seeded fraction of the normal training images held out of the fit: "
@@ -349,6 +353,11 @@ def validate(config: Config) -> None:
     if not config.cache and config.method != "cflow":
         raise ConfigError(f"--no-cache computes CFLOW's features on every batch; method {config.method} reads its "
                           "features from the cache: drop --no-cache")
+    if config.rotate_degrees and (config.method != "cflow" or config.cache):
+        raise ConfigError("--rotate_degrees rotates the images CFLOW trains on, so their features are computed anew "
+                          "every epoch: use it with --method cflow and --no-cache, or drop it")
+    if not config.rotate_degrees <= 180:
+        raise ConfigError(f"rotate_degrees must lie in [0, 180], got {config.rotate_degrees}")
     on_cpu = config.device.split(":")[0] == "cpu"
     if config.stage_workers > 1 and (config.method != "cflow" or not config.cache or not on_cpu):
         raise ConfigError("--stage_workers > 1 trains CFLOW's decoders in CPU processes over cached features: use it "
@@ -413,9 +422,10 @@ def _read_config_file(path: str) -> dict[str, Any]:
     return data
 
 
-FIELDS_ADDED_LATER: dict[str, Any] = {"adam_eps": 1e-8, "lr_schedule": "constant", "sub_epochs": 8}
+FIELDS_ADDED_LATER: dict[str, Any] = {"adam_eps": 1e-8, "lr_schedule": "constant", "sub_epochs": 8,
+                                      "rotate_degrees": 0.0}
 """Fields added after runs had been saved, with the value every run saved before them trained with (Adam's eps
-was torch's default; the learning rate was constant)."""
+was torch's default; the learning rate was constant; no image was rotated)."""
 
 
 def as_trained_before(saved: dict[str, Any]) -> dict[str, Any]:

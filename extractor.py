@@ -429,6 +429,16 @@ def image_batches(images: ImageList, config: Config, start: int = 0,
     yield from loader
 
 
+def randomly_rotated(images: Tensor, degrees: float, generator: torch.Generator) -> Tensor:
+    """Each image of a uint8 batch (B, 3, S, S) rotated about its centre by its own angle, drawn uniformly from
+    [-degrees, degrees] (counter-clockwise positive), nearest neighbour, the corners black: torchvision's
+    ``RandomRotation(degrees)``, the official CFLOW-AD training augmentation (5), applied after the resize."""
+    from torchvision.transforms.functional import rotate
+
+    angles = (torch.rand(len(images), generator=generator, dtype=torch.float64) * 2 - 1) * degrees
+    return torch.stack([rotate(image, float(angle)) for image, angle in zip(images, angles)])
+
+
 # ----------------------------------------------------------------------------- cache
 
 

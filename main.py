@@ -75,11 +75,13 @@ def stage_features(config: Config, task: Task, extractor: FeatureExtractor, fit_
                    held_index: np.ndarray) -> SplitFeatures:
     """CFLOW features: from the cache (extracting what it lacks) or, with ``--no-cache``, on the fly."""
     if not config.cache:
-        def on_the_fly(index: np.ndarray) -> StageFeatures:
-            return StageFeatures(images=task.train.subset(index), extractor=extractor, config=config)
+        def on_the_fly(index: np.ndarray, rotate_degrees: float = 0.0) -> StageFeatures:
+            return StageFeatures(images=task.train.subset(index), extractor=extractor, config=config,
+                                 rotate_degrees=rotate_degrees)
 
         held = on_the_fly(held_index) if len(held_index) else None
-        return on_the_fly(fit_index), held, StageFeatures(images=task.test, extractor=extractor, config=config)
+        return (on_the_fly(fit_index, config.rotate_degrees), held,
+                StageFeatures(images=task.test, extractor=extractor, config=config))
     train, test = task_features(extractor, task, config)
     held = StageFeatures.from_arrays({k: v[held_index] for k, v in train.items()}, config.device) \
         if len(held_index) else None

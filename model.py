@@ -40,7 +40,7 @@ from anomaly_map import (AnomalyMapGenerator, ScoringRule, StageStatistics, cand
 from baselines import GaussianScorer, KNNScorer
 from config import Config, ConfigError, as_trained_before
 from datasets import DataError, ImageList, InputLoader
-from extractor import FeatureExtractor, image_batches
+from extractor import FeatureExtractor, image_batches, randomly_rotated
 from fusion import build_sanf_flow
 from synthetic import synthetic_defects
 from train import TrainingError, train_cflow, train_sanf
@@ -455,14 +455,27 @@ class StageFeatures:
     Built from cached float16 arrays (converted once into float32 channels-last tensors, so that no
     epoch converts them again and a batch's fibers are a view of its maps), from tensors, or from an
     image list and the extractor (``--no-cache``: every batch goes through the backbone again, as in
-    the official code and anomalib).
+    the official code and anomalib). From an image list, ``rotate_degrees`` > 0 rotates every image by a
+    fresh random angle each time it is read (``extractor.randomly_rotated``, seeded by ``config.seed``);
+    :meth:`unrotated` gives the same images without it.
     """
 
     def __init__(self, maps: dict[str, Tensor] | None = None, images: ImageList | None = None,
-                 extractor: FeatureExtractor | None = None, config: Config | None = None) -> None:
+                 extractor: FeatureExtractor | None = None, config: Config | None = None,
+                 rotate_degrees: float = 0.0) -> None:
         if (maps is None) == (images is None or extractor is None or config is None):
             raise ValueError("give either the maps, or the images with an extractor and a config")
+        if rotate_degrees and maps is not None:
+            raise ValueError("cached feature maps cannot be rotated: rotation needs the images")
         self.maps, self.images, self.extractor, self.config = maps, images, extractor, config
+        self.rotate_degrees = rotate_degrees
+        self.rotations = torch.Generator().manual_seed(config.seed) if rotate_degrees else None
+
+    def unrotated(self) -> StageFeatures:
+        """The same images, never rotated (the training statistics describe the images as scored)."""
+        if not self.rotate_degrees:
+            return self
+        return StageFeatures(images=self.images, extractor=self.extractor, config=self.config)
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], device: str | torch.device) -> StageFeatures:
@@ -480,10 +493,12 @@ class StageFeatures:
                 yield {stage: maps[index.to(maps.device)] for stage, maps in self.maps.items()}
             return
         for images in image_batches(self.images.subset(order.numpy()), self.config, batch_size=batch_size):
+            if self.rotations is not None:
+                images = randomly_rotated(images, self.rotate_degrees, self.rotations)
             yield {stage: value.float() for stage, value in self.extractor(images).items()}
 
     def stage_channels(self) -> dict[str, int]:
-        return {stage: feature_map.shape[1] for stage, feature_map in next(self.batches(1)).items()}
+        return {stage: feature_map.shape[1] for stage, feature_map in next(self.unrotated().batches(1)).items()}
 
     def only(self, stages: list[str]) -> StageFeatures:
         """The maps of these stages alone (the stage-parallel training of ``--stage_workers``)."""
@@ -849,7 +864,7 @@ class CFlowDetector(Detector):
         self.build(fit.stage_channels())
         held = None if held_out is None or len(held_out) == 0 else held_out
         info = train_cflow(self.model, fit, held, self.config, name)
-        self.statistics = self.training_statistics(fit)
+        self.statistics = self.training_statistics(fit.unrotated())
         info["parameters"] = sum(p.numel() for p in self.model.parameters())
         if self.config.scoring == "auto":
             info["scoring_selection"] = self.choose_rule(held, held_out_images)
@@ -972,8 +987,8 @@ def trained_config(saved: dict[str, Any], path: Path) -> Config:
 
 
 TRAINING_FIELDS = ("max_train_per_class", "seed", "train_noise", "fiber_batch", "epochs", "batch_size", "lr", "beta1",
-                   "beta2", "adam_eps", "weight_decay", "grad_clip", "lr_schedule", "sub_epochs", "val_fraction", "patience",
-                   "held_out_checks", "threshold_fpr")
+                   "beta2", "adam_eps", "weight_decay", "grad_clip", "lr_schedule", "sub_epochs", "rotate_degrees",
+                   "val_fraction", "patience", "held_out_checks", "threshold_fpr")
 """Settings that made a checkpoint (its fit images, held-out images, training and threshold) without changing how
 it scores: ``main.py --eval_only`` refuses other values, since its results.json would report them."""
 

@@ -17,6 +17,8 @@ from model import (CFlowDetector, CFlowModel, StageFeatures, anomaly_maps, build
                    positional_encoding_2d)
 from report import cflow_table, figure_indices
 import train as train_module
+from datasets import ArrayLoader, ImageList
+from extractor import randomly_rotated
 from train import (TrainingError, cflow_loss, official_cflow_lr, shuffled_fiber_chunks, stage_groups,
                    stage_loss_function, train_cflow)
 
@@ -489,6 +491,50 @@ def test_training_with_the_official_schedule_steps_at_its_rate_in_every_image_ba
                 for _ in range(chunks_per_batch[index % 2])]
     assert rates == pytest.approx(expected, rel=1e-12)
     assert rates[0] == pytest.approx(1e-4) and len(set(rates)) == 5  # 4 warm-up rates, then meta-epoch 2's
+
+
+def test_random_rotation_turns_each_image_by_its_own_angle_within_the_bound():
+    """A spot 100 px right of the centre comes out at the angle drawn for its image, |angle| <= degrees."""
+    size, count, degrees, centre = 257, 12, 5.0, 128
+    images = torch.zeros(count, 3, size, size, dtype=torch.uint8)
+    images[:, :, centre - 2:centre + 3, centre + 98:centre + 103] = 255
+    rotated = randomly_rotated(images, degrees, torch.Generator().manual_seed(4))
+    drawn = (torch.rand(count, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 2 - 1) * degrees
+    measured = []
+    for image in rotated:
+        rows, columns = np.nonzero(image[0].numpy() > 127)
+        measured.append(math.degrees(math.atan2(centre - rows.mean(), columns.mean() - centre)))  # y up
+    np.testing.assert_allclose(measured, drawn.numpy(), atol=0.3)
+    assert np.abs(measured).max() <= degrees + 0.3 and np.std(measured) > 1.0
+    assert rotated.dtype == torch.uint8
+    assert torch.equal(randomly_rotated(images, 0.0, torch.Generator().manual_seed(4)), images)
+
+
+def rotation_case(rotate_degrees: float) -> StageFeatures:
+    """On-the-fly features of 4 images through a stand-in backbone that keeps the pixels' layout."""
+    pixels = np.random.default_rng(0).integers(0, 256, size=(4, 16, 16, 3), dtype=np.uint8)
+    images = ImageList.create([f"r/{i}" for i in range(4)], [0] * 4, ArrayLoader(pixels))
+    config = small_config(cache=False, rotate_degrees=rotate_degrees)
+
+    def backbone(batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        grey = batch.float().mean(dim=1, keepdim=True) / 255
+        return {"blocks.2": grey.expand(-1, 4, -1, -1)[:, :, ::2, ::2],
+                "blocks.4": grey.expand(-1, 6, -1, -1)[:, :, ::4, ::4]}
+
+    return StageFeatures(images=images, extractor=backbone, config=config, rotate_degrees=rotate_degrees)
+
+
+def test_rotated_training_features_change_every_pass_and_the_statistics_read_them_unrotated():
+    plain, rotated = rotation_case(0.0), rotation_case(5.0)
+    first, second = (next(rotated.batches(4))["blocks.2"] for _ in range(2))
+    unrotated = next(plain.batches(4))["blocks.2"]
+    assert not torch.equal(first, second) and not torch.equal(first, unrotated)
+    assert torch.equal(next(rotated.unrotated().batches(4))["blocks.2"], unrotated)
+    assert rotated.stage_channels() == {"blocks.2": 4, "blocks.4": 6}
+    detector = CFlowDetector(small_config(cache=False, rotate_degrees=5.0, epochs=1))
+    detector._fit(rotated, None, "rotation")
+    statistics = detector.training_statistics(plain)
+    assert detector.statistics == statistics
 
 
 def test_stage_groups_balance_the_costs_and_keep_the_stage_order():

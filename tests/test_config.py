@@ -248,10 +248,21 @@ def test_the_official_lr_schedule_is_cflow_s_over_whole_meta_epochs():
 
 def test_a_saved_run_from_before_the_lr_schedule_replays_at_the_constant_lr_it_trained_with(tmp_path):
     old = make_config("cflow_lite0").to_dict()
-    for name in ("adam_eps", "lr_schedule", "sub_epochs"):
+    for name in ("adam_eps", "lr_schedule", "sub_epochs", "rotate_degrees"):
         del old[name]
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"config": old}))
     replayed = parse_args(["--config", str(path)])
     assert (replayed.lr_schedule, replayed.adam_eps) == ("constant", 1e-8)
     assert replayed == make_config("cflow_lite0")
+
+
+def test_rotation_needs_cflow_on_features_computed_on_the_fly():
+    assert parse_args(["--method", "cflow"]).rotate_degrees == 0.0
+    assert make_config("cflow_lite0", cache=False, rotate_degrees=5.0).rotate_degrees == 5.0
+    with pytest.raises(ConfigError, match="--method cflow and --no-cache"):
+        make_config("cflow_lite0", rotate_degrees=5.0)  # cached features
+    with pytest.raises(ConfigError, match="--method cflow and --no-cache"):
+        make_config("demo", rotate_degrees=5.0)
+    with pytest.raises(ConfigError, match=r"rotate_degrees must lie in \[0, 180\]"):
+        make_config("cflow_lite0", cache=False, rotate_degrees=200.0)

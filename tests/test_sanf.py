@@ -432,7 +432,7 @@ def test_a_checkpoint_from_before_caff_context_auto_adam_eps_and_lr_schedule_rea
     meta = json.loads(saved["meta"])
     del meta["caff_context"]  # what a checkpoint written before --caff_context auto holds
     settings = json.loads(saved["config"])
-    for name in ("adam_eps", "lr_schedule", "sub_epochs"):  # nor had it these fields: torch's eps, a constant lr
+    for name in ("adam_eps", "lr_schedule", "sub_epochs", "rotate_degrees"):  # torch's eps, a constant lr, no rotation
         del settings[name]
     torch.save({**saved, "meta": json.dumps(meta), "config": json.dumps(settings)}, tmp_path / "old.pt")
     old = load_detector(tmp_path / "old.pt")
