@@ -84,13 +84,16 @@ def test_bottle_trains_scores_localises_and_rescores_from_its_checkpoint(tmp_pat
     assert len(good) == 20 and sum(good) <= 2  # threshold from 21 held-out training images, target FPR 0.01
 
 
-def test_features_on_the_fly_with_the_official_test_set_normalisation(tmp_path):
+@pytest.mark.parametrize("rotate_degrees", [0.0, 5.0])
+def test_features_on_the_fly_with_the_official_test_set_normalisation(tmp_path, rotate_degrees):
+    """--no-cache, and with the official rotation augmentation (each fit image turned anew every epoch)."""
     config = make_config("cflow_lite0", data_root=ROOT, classes="bottle", img_size=128, epochs=1,
                          lr=1e-3, max_train_per_class=24, cache=False, map_norm="test", n_figure_images=0,
-                         cache_dir=str(tmp_path / "cache"), results_dir=str(tmp_path / "results"))
+                         rotate_degrees=rotate_degrees, cache_dir=str(tmp_path / "cache"),
+                         results_dir=str(tmp_path / "results"))
     payload = run(config)
     metrics = payload["per_class"]["bottle"]
-    assert payload["map_normalization"] == "test"
+    assert payload["map_normalization"] == "test" and payload["config"]["rotate_degrees"] == rotate_degrees
     assert metrics["image_auroc"] >= 0.85  # 1 epoch on 22 images: well above chance (0.5), not the full result
     assert metrics["train_fibers_per_epoch"] == (24 - 2) * (16 * 16 + 8 * 8 + 4 * 4)  # 2 of 24 held out
     assert not (tmp_path / "cache").exists()
