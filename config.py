@@ -154,12 +154,12 @@ class Config:
                             "rises per image batch from lr/10 to the cosine value of meta-epoch 2, then it follows a "
                             "cosine from lr to lr*1e-3 over epochs/sub_epochs meta-epochs, stepped once per "
                             "meta-epoch; the official run is --epochs 200: 25 x 8)", ("constant", "official"))
+    sub_epochs: int = _opt("training", 8, "CFLOW with --lr_schedule official: epochs per meta-epoch (official 8); "
+                           "epochs must be a multiple of it, at least 3 meta-epochs")
     rotate_degrees: float = _opt("training", 0.0, "CFLOW with --no-cache: each fit image rotated about its centre by "
                                  "an angle drawn uniformly from [-rotate_degrees, rotate_degrees] every time it is "
                                  "trained on (nearest neighbour, black corners: the official code's RandomRotation(5)); "
                                  "0 = none (cached features cannot be rotated)")
-    sub_epochs: int = _opt("training", 8, "CFLOW with --lr_schedule official: epochs per meta-epoch (official 8); "
-                           "epochs must be a multiple of it, at least 3 meta-epochs")
     val_fraction: float = _opt("training", 0.1, "seeded fraction of the normal training images held out of the fit: "
                                "their likelihood picks the kept epoch (lowest held-out NLL, epoch 0 included: "
                                "training never ends worse on them than it started) and their scores set the decision "
