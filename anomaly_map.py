@@ -18,8 +18,9 @@ scoring rule (``ScoringRule``, the ``scoring`` setting): which stages' maps of l
 ``scoring auto`` (``select_scoring``) picks the rule on held-out normal *training* images and
 synthetic defects made from them (``synthetic.py``); no test image is read. The rule changes image
 scores only, never the map, so localisation stays the paper's whatever the rule. Computation is in
-float64, as the official code and anomalib (exp of very negative log-likelihoods underflows
-later than in float32).
+float64 on the CPU, as the official code (exp of very negative log-likelihoods underflows later than
+in float32): the stage maps are moved there first (``on_cpu``), so that an accelerator computes no float64
+and a map is the same whichever device ran the flows.
 
 Normalisation of the ``exp`` merge (``normalization``), i.e. which reference is subtracted and
 which constant the sum is subtracted from (the ``z`` merge always uses training statistics):
@@ -47,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import Tensor
+
+from utils import to_numpy
 
 NORMALIZATIONS = ("train", "test", "batch")
 MERGES = ("exp", "z")
@@ -92,8 +95,13 @@ class ScoringRule:
         return {stage: stage_maps[stage] for stage in self.stages}
 
 
+def on_cpu(stage_maps: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Stage maps moved to the CPU (one copy per stage; nothing where they are there already)."""
+    return {stage: values.detach().cpu() for stage, values in stage_maps.items()}
+
+
 def stage_statistics(maps: Iterable[dict[str, Tensor]]) -> StageStatistics:
-    """Per-stage maximum, mean and standard deviation of log p / C over all training fibers.
+    """Per-stage maximum, mean and standard deviation of log p / C over all training fibers, in float64 on the CPU.
 
     Args:
         maps: per training batch, Tensor (B, H_l, W_l) of log p / C per stage name
@@ -106,7 +114,7 @@ def stage_statistics(maps: Iterable[dict[str, Tensor]]) -> StageStatistics:
     for batch_maps in maps:
         if sums and batch_maps.keys() != sums.keys():
             raise ValueError(f"stages {sorted(batch_maps)} differ from earlier batches' {sorted(sums)}")
-        for stage, log_likelihood in batch_maps.items():
+        for stage, log_likelihood in on_cpu(batch_maps).items():
             values = log_likelihood.double()
             total = sums.setdefault(stage, [-float("inf"), 0.0, 0.0, 0])
             total[0] = max(total[0], values.max().item())
@@ -161,14 +169,14 @@ class AnomalyMapGenerator:
                 ``exp`` merge), B must be the whole test set.
 
         Returns:
-            Tensor (B, H, W), float64.
+            Tensor (B, H, W), float64, on the CPU (maps given on an accelerator are moved first).
 
         Raises:
             ValueError: if ``stage_maps`` is empty or lacks a stage of the rule or of the statistics.
         """
         if not stage_maps:
             raise ValueError("no stage maps given")
-        stage_maps = self.rule.selected(stage_maps)
+        stage_maps = on_cpu(self.rule.selected(stage_maps))
         if self.rule.merge == "z":
             return sum(self._upsampled(self._standardised(stage, ll)) for stage, ll in stage_maps.items()) / len(
                 stage_maps)
@@ -251,6 +259,7 @@ def select_scoring(normal_maps: dict[str, Tensor], defect_maps: dict[str, Tensor
         The chosen rule and one row per candidate: ``rule``, ``image_auroc``.
     """
     stages = list(normal_maps)
+    normal_maps, defect_maps = on_cpu(normal_maps), on_cpu(defect_maps)
     both = {stage: torch.cat([normal_maps[stage], defect_maps[stage]]) for stage in stages}
     n_normal, n_defect = len(normal_maps[stages[0]]), len(defect_maps[stages[0]])
     labels = np.r_[np.zeros(n_normal), np.ones(n_defect)]
@@ -260,7 +269,7 @@ def select_scoring(normal_maps: dict[str, Tensor], defect_maps: dict[str, Tensor
         maps = AnomalyMapGenerator(image_size, "train", statistics, ScoringRule(merge, stages=subset))(both)
         for rule in candidates:
             if (rule.merge, rule.stages) == (merge, subset):
-                auroc[rule] = float(roc_auc_score(labels, image_scores(maps, rule.image_score).numpy()))
+                auroc[rule] = float(roc_auc_score(labels, to_numpy(image_scores(maps, rule.image_score))))
     rows = [{"rule": str(rule), "image_auroc": auroc[rule]} for rule in candidates]
     return candidates[chosen_index([row["image_auroc"] for row in rows], n_defect, n_normal)], rows
 

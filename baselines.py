@@ -44,6 +44,10 @@ class GaussianScorer:
 
     ``shrinkage`` 0 picks the Ledoit-Wolf coefficient from the training data; a value in (0, 1]
     blends the sample covariance with a scaled identity: (1 - s) S + s (tr S / D) I.
+
+    ``mean`` and ``precision`` (Sigma^-1) are float64 on the CPU, where they are estimated and saved. Scoring
+    runs on the features' device in float32 as ||(x - mu) W||^2 with W W^T = Sigma^-1: a sum of squares, which
+    no rounding can make negative or cancel, unlike the quadratic form itself.
     """
 
     def __init__(self, shrinkage: float = 0.0):
@@ -51,13 +55,21 @@ class GaussianScorer:
         self.used_shrinkage = float("nan")
         self.mean: Tensor | None = None
         self.precision: Tensor | None = None
+        self._centre: Tensor | None = None
+        self._factor: Tensor | None = None
 
     def fit(self, features: Tensor) -> GaussianScorer:
-        self.mean, covariance, self.used_shrinkage = shrunk_covariance(features, self.shrinkage)
-        self.precision = torch.from_numpy(np.linalg.pinv(covariance, hermitian=True)).to(self.mean.device)
+        mean, covariance, self.used_shrinkage = shrunk_covariance(features, self.shrinkage)
+        return self.load(mean, torch.from_numpy(np.linalg.pinv(covariance, hermitian=True)), features.device)
+
+    def load(self, mean: Tensor, precision: Tensor, device: torch.device | str) -> GaussianScorer:
+        """Take a fitted (or saved) mean and precision; score on ``device``."""
+        self.mean, self.precision = mean.detach().cpu().double(), precision.detach().cpu().double()
+        eigenvalues, eigenvectors = torch.linalg.eigh(self.precision)
+        self._centre = self.mean.float().to(device)
+        self._factor = (eigenvectors * eigenvalues.clamp_min(0).sqrt()).float().to(device)
         return self
 
     def score(self, features: Tensor) -> Tensor:
-        assert self.mean is not None and self.precision is not None, "fit() first"
-        centred = features.double() - self.mean
-        return ((centred @ self.precision) * centred).sum(dim=1).float()
+        assert self._centre is not None and self._factor is not None, "fit() first"
+        return ((features.float() - self._centre) @ self._factor).square().sum(dim=1)

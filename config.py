@@ -9,7 +9,8 @@ Both scripts take the same command line::
 Each setting is resolved from, lowest to highest: the field defaults (SANF-AD's published setting), the
 training defaults of --method, the --preset (data and features only; demo when omitted), the values of a
 --config JSON file, then explicit flags. --method itself comes from the highest layer that sets it
-(flag, file, preset, else sanf). --help shows the defaults in force for the given --preset and --method.
+(flag, file, preset, else sanf). --help shows the main settings and --help-all every one, with the defaults in
+force for the given --preset and --method.
 """
 
 from __future__ import annotations
@@ -34,6 +35,33 @@ GROUPS = {  # field group -> --help section title
     "run": "run",
 }
 PRESET_GROUPS = ("data", "features")  # the only groups a preset may set
+HELP_FIELDS: dict[str, str] = {  # field -> its line in --help; --help-all shows every field's full text
+    "method": "sanf, cflow, or the knn / gaussian baselines",
+    "dataset": "dataset and its protocol",
+    "data_root": "dataset folder (empty: env ANOMALY_DATA_ROOT)",
+    "classes": "normal classes, each in turn: all or a comma list",
+    "backbone": "timm model name",
+    "weights": "default, a state-dict path, or none (random init)",
+    "img_size": "input resolution in pixels",
+    "layers": "CFLOW: backbone stages, comma-separated, or auto",
+    "train_views": "views fitted per training image (1 = the image)",
+    "test_views": "views averaged per scored image (1 = the image)",
+    "scales": "sanf / knn / gaussian: image scales, fractions of img_size",
+    "cache_dir": "feature cache folder",
+    "fusion": "SANF: caff, or none (the MLP-only ablation)",
+    "map_norm": "CFLOW: map normalisation by train, test or batch statistics",
+    "scoring": "CFLOW image score: merge/score[@stage+stage], or auto",
+    "epochs": "training epochs at most",
+    "batch_size": "training images per batch",
+    "lr": "Adam learning rate",
+    "val_fraction": "fraction of the normal training images held out",
+    "seed": "seed of subsets, split, initialisation and shuffling",
+    "device": "torch device: cpu, cuda, cuda:N",
+    "results_dir": "folder that holds one folder per run",
+    "eval_only": "rescore the saved checkpoints without training",
+}
+_SHORT_DESCRIPTION = """The main settings, each with the default in force for the given --preset and
+--method; --help-all lists every setting, grouped, and how they are resolved."""
 
 
 def _opt(group: str, default: Any, doc: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -46,11 +74,11 @@ class Config:
 
     # data
     method: str = _opt("data", "sanf", "sanf: flow over the semantic token with CAFF; cflow: multi-scale conditional "
-                       "flows with anomaly maps; knn / gaussian: baselines on the same cache", METHODS)
+                       "flows with anomaly maps; knn / gaussian: baselines", METHODS)
     dataset: str = _opt("data", "cifar10", "dataset and protocol (datasets.py)", DATASETS)
     data_root: str = _opt("data", "", "dataset folder; env ANOMALY_DATA_ROOT when empty (not needed for digits)")
-    classes: str = _opt("data", "all", "'all' or a comma list of class / category names used as the normal class "
-                        "in turn")
+    classes: str = _opt("data", "all", "normal classes, each in turn: 'all' or a comma list of class / category "
+                        "names")
     download: bool = _opt("data", False, "let torchvision download CIFAR/STL/MNIST into data_root (needs internet)")
     max_train_per_class: int = _opt("data", 0, "quick subset: at most this many training images per normal class, "
                                     "drawn with the seed; 0 = full protocol")
@@ -58,25 +86,34 @@ class Config:
                          "the seed; 0 = full protocol")
 
     # features
-    backbone: str = _opt("features", "vit_base_patch16_384.orig_in21k_ft_in1k", "timm model name (public SANF "
-                         "code: ViT-B/16 at 384 px, ImageNet-21k pretrained, fine-tuned on 1k)")
-    weights: str = _opt("features", "default", "'default': packaged weights (tf_efficientnet_lite0) or the hub when "
-                        "online; a path: local state dict loaded strictly; 'none': random init, explicitly")
-    img_size: int = _opt("features", 384, "input resolution (square resize)")
+    backbone: str = _opt("features", "vit_base_patch16_384.orig_in21k_ft_in1k", "timm model name (the public SANF "
+                         "code's: ViT-B/16 at 384 px, ImageNet-21k, fine-tuned on 1k)")
+    weights: str = _opt("features", "default", "default (packaged for tf_efficientnet_lite0, else the hub), a "
+                        "state-dict path (loaded strictly) or none (random init)")
+    img_size: int = _opt("features", 384, "input resolution in pixels (square resize)")
     patch_grid: int = _opt("features", 8, "SANF: texture tokens average-pooled to patch_grid x patch_grid (public "
                            "code 8)")
     texture_layers: str = _opt("features", "auto", "SANF: where the texture tokens come from. auto: a ViT's final "
-                               "normalised patch tokens (the paper), a CNN's stride-16 stage (a texture-level stage, "
-                               "chosen on training data with bench/validate.py; never the pooled last stage); last: "
-                               "the final feature map (what the semantic token pools); or backbone module names, "
-                               "comma-separated, each pooled to the grid and concatenated along channels")
-    layers: str = _opt("features", "auto", "CFLOW: backbone stages, module names comma-separated, or auto: a CNN's "
-                       "stages at strides 8, 16 and 32 of timm's feature_info (the paper's layer2-4 of a ResNet; "
-                       "EfficientNet-Lite0 blocks.2,blocks.4,blocks.6), a ViT's blocks at a third, two thirds and "
-                       "the end of its depth (12 blocks: blocks.3,blocks.7,blocks.11)")
+                               "normalised patch tokens (the paper), a CNN's stride-16 stage; last: the final feature "
+                               "map (what the semantic token pools); or backbone module names, comma-separated, each "
+                               "pooled to the grid and concatenated along channels")
+    layers: str = _opt("features", "auto", "CFLOW: backbone stages, module names comma-separated, or auto (a CNN's "
+                       "strides 8, 16, 32; a ViT's blocks at 1/3, 2/3 and the end)")
     token_norm: str = _opt("features", "none", "sanf / knn / gaussian: per-token normalisation of the cached "
                            "features: none (public code), l2 (unit length: the cosine geometry of the kNN baseline), "
                            "power (signed square root, then unit length)", ("none", "l2", "power"))
+    view_set: str = _opt("features", "rot90", "transforms that make the views of an image (views.py): rot90 (the 8 "
+                         "right-angle turns and mirrorings, exact), flip (4 mirrorings), rotate (any angle, a fixed "
+                         "seeded sequence, as DifferNet's RandomRotation(180)); view 0 is always the image itself",
+                         ("rot90", "flip", "rotate"))
+    train_views: int = _opt("features", 1, "views of each training image that the method fits (1 = the image only); "
+                            "extracted once into the feature cache")
+    test_views: int = _opt("features", 1, "views of each scored image (held-out, test, predict.py); its score is the "
+                           "mean of its views' scores (DifferNet); CFLOW turns each view's map back before averaging")
+    scales: str = _opt("features", "1", "sanf / knn / gaussian: image scales, comma-separated fractions of img_size "
+                       "(e.g. 1,0.5,0.25): the semantic token is the pooled final map of the image at each scale, "
+                       "concatenated (DifferNet, CS-Flow); the texture tokens come from scale 1; unused by cflow, "
+                       "whose stages are its scales")
     cache: bool = _opt("features", True, "cache features on disk (float16); --no-cache computes them on the fly "
                        "(CFLOW)")
     cache_dir: str = _opt("features", "cache", "feature cache folder")
@@ -88,23 +125,18 @@ class Config:
     # SANF flow
     fusion: str = _opt("sanf", "caff", "caff: class-attention feature fusion in every coupling; none: MLP-only "
                        "ablation", ("caff", "none"))
-    caff_context: str = _opt("sanf", "auto", "full: keys/values from all texture-token channels through a context "
-                             "projection, any texture width (paper's Eq. 6-11); half: the texture-token channel half "
-                             "that follows the flow's permutation (public code; texture tokens as wide as the "
-                             "semantic token); auto: where the texture tokens are as wide as the semantic token (a "
-                             "ViT's final or block tokens, a CNN's --texture_layers last) and images are held out, "
-                             "train both and keep the one with the lower held-out NLL of normal training images (a "
-                             "tie keeps full); otherwise full (a CNN's texture stage, or val_fraction 0); a "
-                             "checkpoint trained with auto accepts auto or the reading it kept; unused with "
-                             "--fusion none",
+    caff_context: str = _opt("sanf", "auto", "CAFF keys/values. full: all texture-token channels through a context "
+                             "projection (the paper's Eq. 6-11); half: the texture-token channel half that follows "
+                             "the flow's permutation (public code; texture tokens as wide as the semantic token); "
+                             "auto: where half applies and images are held out, train both and keep the lower "
+                             "held-out NLL (a tie keeps full), otherwise full; unused with --fusion none",
                              ("full", "half", "auto"))
     token_dim: int = _opt("sanf", 0, "channels the flow works on; the tokens are projected on the first token_dim "
                           "principal axes of the normal training tokens (0 = all D channels, as the paper)")
     flow_channels: int = _opt("sanf", 0, "the flow transforms the first flow_channels principal axes of the whitened "
-                              "semantic token and leaves the others as the whitened Gaussian (0 = all, as the paper): "
-                              "fewer dimensions to fit when normal images are few")
+                              "semantic token and leaves the others as the whitened Gaussian (0 = all, as the paper)")
     train_noise: float = _opt("sanf", 0.0, "std of Gaussian noise added to the whitened semantic tokens while training "
-                              "(0 = none, as the paper): a regulariser for few images in many dimensions")
+                              "(0 = none, as the paper)")
     hidden: int = _opt("sanf", 1024, "hidden width of every coupling subnet (paper 1024)")
     heads: int = _opt("sanf", 4, "class-attention heads (public code 4)")
     score: str = _opt("sanf", "nll", "anomaly score: nll = |z|^2/2 - log|det J| per dimension; z2 = mean(z^2) "
@@ -123,15 +155,10 @@ class Config:
     map_norm: str = _opt("cflow", "train", "map normalisation: train statistics (scores independent of the test "
                          "set), test (official: max over the whole test set), batch (anomalib: per batch)",
                          ("train", "test", "batch"))
-    scoring: str = _opt("cflow", "exp/max", "how an image's score comes from the stage maps (anomaly_map.py; the "
-                        "anomaly map itself is always the paper's): merge/score[@stage+stage]; merge exp (the paper: "
-                        "sum of exp(log p) over stages) or z (stages standardised on training fibers, averaged); score "
-                        "max (the paper) or topK (mean of the K% highest pixels, K in 1, 10); auto: chosen after "
-                        "training on held-out normal training images and synthetic defects made from them "
-                        "(synthetic.py), never on a test split; the paper's rule unless another separates them better "
-                        "by more than the standard error of its AUROC (the rules are compared on maps normalised "
-                        "with training statistics, as --map_norm train, whatever --map_norm is). The official "
-                        "scoring is exp/max with --map_norm test, anomalib's exp/max with --map_norm batch")
+    scoring: str = _opt("cflow", "exp/max", "CFLOW image score from the stage maps, merge/score[@stage+stage] "
+                        "(anomaly_map.py): merge exp (the paper) or z; score max (the paper), top1 or top10 (mean of "
+                        "the 1% / 10% highest pixels); auto: chosen on held-out normal and synthetic defect images, "
+                        "never on the test split. The map itself is always the paper's")
     test_batch_size: int = _opt("cflow", 32, "images per scoring batch")
     n_figure_images: int = _opt("cflow", 6, "test images drawn in each category's figure")
     save_maps: bool = _opt("cflow", False, "write every test image's anomaly map (.npy, float16) under the results "
@@ -140,8 +167,8 @@ class Config:
     # training
     epochs: int = _opt("training", 10, "training epochs at most; with val_fraction > 0 the epoch with the lowest "
                        "held-out NLL is kept")
-    batch_size: int = _opt("training", 32, "training images per batch (SANF: per Adam step, paper 32; CFLOW: images "
-                           "whose fibers are shuffled together, official 32)")
+    batch_size: int = _opt("training", 32, "training images per batch (SANF: per Adam step; CFLOW: images whose "
+                           "fibers are shuffled together)")
     lr: float = _opt("training", 5e-5, "Adam learning rate (SANF paper 5e-5; CFLOW official 2e-4)")
     beta1: float = _opt("training", 0.8, "Adam beta1 (SANF paper 0.8; CFLOW 0.9)")
     beta2: float = _opt("training", 0.8, "Adam beta2 (SANF paper 0.8; CFLOW 0.999)")
@@ -150,29 +177,22 @@ class Config:
     weight_decay: float = _opt("training", 1e-5, "Adam weight decay (SANF paper 1e-5; CFLOW 0)")
     grad_clip: float = _opt("training", 0.0, "max gradient norm (0 = off, as the public code)")
     lr_schedule: str = _opt("training", "constant", "CFLOW: constant (lr throughout, as anomalib) or official "
-                            "(CFLOW-AD's code: a meta-epoch is sub_epochs epochs; over the first 2 meta-epochs lr "
-                            "rises per image batch from lr/10 to the cosine value of meta-epoch 2, then it follows a "
-                            "cosine from lr to lr*1e-3 over epochs/sub_epochs meta-epochs, stepped once per "
-                            "meta-epoch; the official run is --epochs 200: 25 x 8)", ("constant", "official"))
+                            "(CFLOW-AD's code: meta-epochs of sub_epochs epochs; a warm-up from lr/10 over the first "
+                            "2, then a cosine from lr to lr*1e-3, stepped per meta-epoch; the official run is "
+                            "--epochs 200)", ("constant", "official"))
     sub_epochs: int = _opt("training", 8, "CFLOW with --lr_schedule official: epochs per meta-epoch (official 8); "
                            "epochs must be a multiple of it, at least 3 meta-epochs")
-    rotate_degrees: float = _opt("training", 0.0, "CFLOW with --no-cache: each fit image rotated about its centre by "
-                                 "an angle drawn uniformly from [-rotate_degrees, rotate_degrees] every time it is "
-                                 "trained on (nearest neighbour, black corners: the official code's RandomRotation(5)); "
-                                 "0 = none (cached features cannot be rotated)")
+    rotate_degrees: float = _opt("training", 0.0, "CFLOW with --no-cache: rotate each fit image about its centre by "
+                                 "an angle in degrees drawn uniformly from [-rotate_degrees, rotate_degrees] every "
+                                 "time it is trained on (the official code's RandomRotation(5)); 0 = none")
     val_fraction: float = _opt("training", 0.1, "seeded fraction of the normal training images held out of the fit: "
-                               "their likelihood picks the kept epoch (lowest held-out NLL, epoch 0 included: "
-                               "training never ends worse on them than it started) and their scores set the decision "
-                               "threshold; every method fits on the same remaining images; 0 = the papers' "
-                               "fixed-epoch training on all images")
+                               "their NLL picks the kept epoch (epoch 0 included) and their scores set the decision "
+                               "threshold; 0 = the papers' fixed-epoch training on all images")
     patience: int = _opt("training", 1, "with held-out images: stop once this many epochs in a row have not lowered "
-                         "the held-out NLL (the kept weights are the best epoch's either way); 0 = run every epoch. "
-                         "SANF 1: its held-out NLL has risen monotonically once it rose (BENCHMARKS.md); CFLOW 2: "
-                         "its curve has single-epoch bumps")
+                         "the held-out NLL (the kept weights are the best epoch's either way); 0 = run every epoch")
     held_out_checks: int = _opt("training", 1, "SANF: held-out NLL measurements per epoch, each after an equal share "
                                 "of its batches (1 = after every epoch); with more, the kept weights may come from "
-                                "within an epoch and patience counts measurements, so a flow that only worsens stops "
-                                "after a fraction of an epoch")
+                                "within an epoch and patience counts measurements")
     threshold_fpr: float = _opt("training", 0.01, "decision threshold = the (1 - threshold_fpr) quantile of the "
                                 "held-out normal images' scores (no test image is used)")
 
@@ -185,19 +205,14 @@ class Config:
     seed: int = _opt("run", 0, "seed of subsets, held-out split, permutations, initialisation and shuffling")
     device: str = _opt("run", "cpu", "torch device: cpu, cuda, cuda:1, ...")
     threads: int = _opt("run", 0, "torch CPU threads (0 = all cores)")
-    compile: bool = _opt("run", False, "CFLOW: torch.compile the training step's flow and loss (inductor; needs a C++ "
-                         "compiler; about 10 s of compilation per stage in the first epoch): fewer, fused "
-                         "kernels per Adam step, which matters at small fiber batches; same numbers up to rounding")
+    compile: bool = _opt("run", False, "CFLOW: torch.compile the training step's flow and loss (needs a C++ "
+                         "compiler; compiles each stage in the first epoch); same numbers up to float rounding")
     stage_workers: int = _opt("run", 1, "CFLOW on CPU with cached features: processes that train the stages' "
-                              "decoders side by side, the stages grouped by cost (fibers per image x decoder "
-                              "parameters), each process with threads / groups torch threads; 1 = one "
-                              "stage after the other in this process. Each stage has its own shuffling generator, "
-                              "so the numbers are the same either way up to the float rounding of another thread "
-                              "count. 2 on two cores: 1.25-1.6x faster epochs at 64 fibers per step (BENCHMARKS.md)")
-    results_dir: str = _opt("run", "results", "results folder")
-    eval_only: bool = _opt("run", False, "main.py: rescore the saved checkpoints without training, into "
-                           "<run folder>/eval_only/ (the run's own results stay); the checkpoints' settings are "
-                           "required")
+                              "decoders side by side, sharing --threads among them; 1 = one "
+                              "stage after the other in this process; same numbers up to float rounding")
+    results_dir: str = _opt("run", "results", "folder that holds one folder per run")
+    eval_only: bool = _opt("run", False, "main.py: rescore the run's saved checkpoints, without training, into "
+                           "<run folder>/eval_only/")
 
     def class_list(self) -> list[str] | None:
         """The requested normal classes, or None for all of the dataset's classes."""
@@ -215,6 +230,14 @@ class Config:
         if self.layers_auto():
             return []
         return [name.strip() for name in self.layers.split(",") if name.strip()]
+
+    def scale_list(self) -> tuple[float, ...]:
+        """The image scales of the semantic token, as numbers (ValueError when one is not a number)."""
+        return tuple(float(part) for part in self.scales.split(",") if part.strip())
+
+    def cached_views(self, split: str) -> int:
+        """Views stored per image in a cache unit: a training unit also holds the held-out images' views."""
+        return max(self.train_views, self.test_views) if split == "train" else self.test_views
 
     def resolved_data_root(self) -> str:
         return os.path.expanduser(self.data_root or os.environ.get("ANOMALY_DATA_ROOT", ""))
@@ -253,6 +276,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CFLOW's stages follow the backbone (--layers auto): layer2-4 of the WideResNet, blocks.2/4/6 of Lite0
     "cflow_mvtec": dict(method="cflow", dataset="mvtec", backbone="wide_resnet50_2.tv_in1k", img_size=256),
     "cflow_lite0": dict(method="cflow", dataset="mvtec", backbone="tf_efficientnet_lite0", img_size=256),
+    # DifferNet's recipe on Magnetic Tile Defects (an MVTec-style folder): 448 px, three scales, right-angle views
+    "mtd_lite0": dict(dataset="folder", backbone="tf_efficientnet_lite0", img_size=448, patch_grid=3,
+                      token_norm="power", scales="1,0.5,0.25", view_set="rot90", train_views=8, test_views=8),
 }
 PRESET_NOTES: dict[str, str] = {
     "demo": "offline CPU demo: sklearn digits at 64 px, packaged EfficientNet-Lite0 weights, every digit in turn",
@@ -260,6 +286,8 @@ PRESET_NOTES: dict[str, str] = {
     "sanf_cifar10_lite0": "SANF on a CPU: CIFAR-10, EfficientNet-Lite0 at 224 px, 3x3 pooled patches, power norm",
     "cflow_mvtec": "CFLOW-AD as in the official code: MVTec AD, WideResNet-50-2 layer2-4 at 256 px",
     "cflow_lite0": "CFLOW on a CPU: MVTec AD, EfficientNet-Lite0 stages at strides 8/16/32, 256 px",
+    "mtd_lite0": "Magnetic Tile Defects (a defect folder): EfficientNet-Lite0 at 448 px, tokens at scales 1, 1/2 and "
+                 "1/4, 8 right-angle views of every training and test image",
 }
 
 
@@ -288,6 +316,7 @@ def _check_tables() -> None:
             raise ConfigError(f"METHOD_DEFAULTS[{method}] sets {', '.join(inside)}, which presets own")
     if set(METHOD_DEFAULTS) != set(METHODS) or set(PRESET_NOTES) != set(PRESETS):
         raise ConfigError("METHOD_DEFAULTS must cover METHODS and PRESET_NOTES must cover PRESETS")
+    _check_names(HELP_FIELDS, "HELP_FIELDS")
 
 
 _check_tables()
@@ -348,6 +377,7 @@ def validate(config: Config) -> None:
     if not 0 < config.threshold_fpr < 1:
         raise ConfigError(f"threshold_fpr must lie in (0, 1), got {config.threshold_fpr}")
     check_lr_schedule(config)
+    check_views_and_scales(config)
     if config.condition_dims % 4:
         raise ConfigError(f"condition_dims must be a multiple of 4, got {config.condition_dims}")
     if not config.cache and config.method != "cflow":
@@ -368,6 +398,30 @@ def validate(config: Config) -> None:
         check_scoring_stages(config.scoring, config.layer_list())
     else:
         check_scoring_stages(config.scoring, None)
+
+
+def check_views_and_scales(config: Config) -> None:
+    """Views the view set has; scales that are numbers in (0, 2] leaving at least 16 px, the first 1; raises
+    ConfigError."""
+    from views import check_views  # torch is imported there; the check itself is torch-free
+
+    for name in ("train_views", "test_views"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be >= 1 (1 = the image itself), got {getattr(config, name)}")
+        try:
+            check_views(config.view_set, getattr(config, name))
+        except ValueError as error:
+            raise ConfigError(f"--{name}: {error}") from None
+    try:
+        scales = config.scale_list()
+    except ValueError:
+        raise ConfigError(f"--scales takes numbers, comma-separated (e.g. 1,0.5,0.25), got {config.scales!r}") from None
+    if not scales or scales[0] != 1 or any(not 0 < s <= 2 or round(config.img_size * s) < 16 for s in scales[1:]):
+        raise ConfigError(f"--scales {config.scales}: the first scale must be 1 (the texture tokens' scale), the "
+                          f"others in (0, 2] and at least 16 px at --img_size {config.img_size}")
+    if max(config.train_views, config.test_views) > 1 and not config.cache:
+        raise ConfigError("views are extracted once into the feature cache: drop --no-cache, or use --train_views 1 "
+                          "--test_views 1 (--rotate_degrees rotates images on the fly)")
 
 
 def check_lr_schedule(config: Config) -> None:
@@ -423,9 +477,10 @@ def _read_config_file(path: str) -> dict[str, Any]:
 
 
 FIELDS_ADDED_LATER: dict[str, Any] = {"adam_eps": 1e-8, "lr_schedule": "constant", "sub_epochs": 8,
-                                      "rotate_degrees": 0.0}
+                                      "rotate_degrees": 0.0, "view_set": "rot90", "train_views": 1, "test_views": 1,
+                                      "scales": "1"}
 """Fields added after runs had been saved, with the value every run saved before them trained with (Adam's eps
-was torch's default; the learning rate was constant; no image was rotated)."""
+was torch's default; the learning rate was constant; no image was rotated; each image was one view at one scale)."""
 
 
 def as_trained_before(saved: dict[str, Any]) -> dict[str, Any]:
@@ -433,31 +488,43 @@ def as_trained_before(saved: dict[str, Any]) -> dict[str, Any]:
     return {**FIELDS_ADDED_LATER, **saved}
 
 
-_USAGE = "%(prog)s [--preset NAME] [--method METHOD] [--config FILE] [--FIELD VALUE ...] [-h]"
+_USAGE = "%(prog)s [--preset NAME] [--method METHOD] [--config FILE]\n       [--FIELD VALUE ...] [-h] [--help-all]"
 
 
 def _parser(prog: str | None, **kwargs: Any) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=prog, usage=_USAGE, allow_abbrev=False, **kwargs)
 
 
-def _full_parser(prog: str | None, preset: str, defaults: dict[str, Any]) -> argparse.ArgumentParser:
-    """The parser generated from the fields, with the resolved values as defaults."""
-    parser = _parser(prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _field_help(name: str, every_field: bool) -> str:
+    """The help text of a field: its full doc for --help-all, its HELP_FIELDS line or nothing for --help."""
+    if not every_field and name not in HELP_FIELDS:
+        return argparse.SUPPRESS
+    text = _FIELDS[name].metadata["doc"] if every_field else HELP_FIELDS[name]
+    return text.replace("%", "%%") + " (default: %(default)s)"
+
+
+def _full_parser(prog: str | None, preset: str, defaults: dict[str, Any], every_field: bool) -> argparse.ArgumentParser:
+    """The parser generated from the fields, with the resolved values as defaults; its help lists every field
+    with ``every_field``, else HELP_FIELDS (the others parse all the same)."""
+    description = __doc__ if every_field else _SHORT_DESCRIPTION
+    parser = _parser(prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     top = parser.add_argument_group("preset and config file")
-    notes = "; ".join(f"{name}: {note}" for name, note in PRESET_NOTES.items())
+    notes = ("; ".join(f"{name}: {note}" for name, note in PRESET_NOTES.items()) if every_field
+             else ", ".join(PRESETS) + " (--help-all describes each)")
     top.add_argument("--preset", choices=PRESETS, default=preset, metavar="NAME",
                      help=f"data and features set (never training values): {notes} (default: %(default)s)")
     top.add_argument("--config", metavar="FILE", help="JSON file of field values: a config dict or a results.json "
                      "(its \"config\" key); flags override it")
+    top.add_argument("--help-all", action="help", help="show every setting, grouped, and exit")
     groups = {name: parser.add_argument_group(title) for name, title in GROUPS.items()}
     for name, f in _FIELDS.items():
-        kind, doc = _TYPES[name], f.metadata["doc"].replace("%", "%%") + " (default: %(default)s)"
+        kind, group, doc = _TYPES[name], groups[f.metadata["group"]], _field_help(name, every_field)
         if kind is bool:
-            groups[f.metadata["group"]].add_argument(f"--{name}", action=argparse.BooleanOptionalAction,
-                                                     default=defaults[name], help=doc)
+            group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=defaults[name], help=doc)
         else:
-            groups[f.metadata["group"]].add_argument(f"--{name}", type=kind, choices=f.metadata["choices"],
-                                                     default=defaults[name], help=doc)
+            metavar = None if f.metadata["choices"] else kind.__name__.upper()
+            group.add_argument(f"--{name}", type=kind, choices=f.metadata["choices"], metavar=metavar,
+                               default=defaults[name], help=doc)
     return parser
 
 
@@ -473,12 +540,13 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> Config
     pre.add_argument("--method", choices=METHODS)
     pre.add_argument("--config")
     pre.add_argument("--img_size")
+    pre.add_argument("--help-all", action="store_true")
     known, _ = pre.parse_known_args(argv)
     preset = known.preset or "demo"
     top = _read_config_file(known.config) if known.config else {}
     if known.method:
         top["method"] = known.method
-    args = vars(_full_parser(prog, preset, _resolve(preset, top)).parse_args(argv))
+    args = vars(_full_parser(prog, preset, _resolve(preset, top), known.help_all).parse_args(argv))
     del args["preset"], args["config"]
     config = _build(args)
     demo = PRESETS["demo"]

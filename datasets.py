@@ -105,6 +105,8 @@ def picture_of(item: Any, name: str) -> Image.Image:
     """
     import torch
 
+    from utils import to_numpy
+
     if isinstance(item, (str, os.PathLike)):
         if Path(item).is_dir():
             raise DataError(f"{name}: {item} is a folder; pass its files (datasets.list_image_files lists them)")
@@ -117,7 +119,7 @@ def picture_of(item: Any, name: str) -> Image.Image:
         if item.dim() != 3 or item.shape[0] != 3:
             grey = " (a grey one: image.expand(3, -1, -1))" if item.dim() == 3 and item.shape[0] == 1 else ""
             raise DataError(f"{name}: a tensor image must be (3, H, W){grey}; got {tuple(item.shape)}")
-        item = item.detach().cpu().permute(1, 2, 0).numpy()
+        item = to_numpy(item.permute(1, 2, 0))
     if not isinstance(item, np.ndarray):
         raise DataError(f"{name}: expected a file path, a PIL image, a tensor or an array; got {type(item).__name__}")
     if item.ndim not in (2, 3) or (item.ndim == 3 and item.shape[2] != 3):
@@ -392,6 +394,8 @@ def stl10(root: Path, download: bool) -> LabelledSplits:
 def _mnist_like(dataset_class: str, label: str, root: Path, download: bool) -> LabelledSplits:
     import torchvision.datasets
 
+    from utils import to_numpy
+
     if _has_image_folder(root) and not (root / dataset_class).is_dir():
         return _image_folder(root, label, count=10)
     try:
@@ -400,8 +404,8 @@ def _mnist_like(dataset_class: str, label: str, root: Path, download: bool) -> L
     except RuntimeError:
         raise _missing(label, root, f"{dataset_class}/raw/ (torchvision) or train/<class>/ and test/<class>/") from None
     train, test = splits
-    return LabelledSplits(tuple(train.classes), _array_split("train", train.data.numpy(), train.targets.numpy()),
-                          _array_split("test", test.data.numpy(), test.targets.numpy()))
+    return LabelledSplits(tuple(train.classes), _array_split("train", to_numpy(train.data), to_numpy(train.targets)),
+                          _array_split("test", to_numpy(test.data), to_numpy(test.targets)))
 
 
 def digits() -> LabelledSplits:

@@ -1,6 +1,8 @@
 """Frozen backbones and the on-disk feature cache.
 
-``python extractor.py [--preset NAME] [--field value ...]`` extracts every split the run needs.
+``python extractor.py [--preset NAME] [--field value ...]`` extracts every split the run needs;
+``torchrun --nproc_per_node N extractor.py ...`` splits the images of every unit over N processes
+(:func:`extract_shared`, ``distributed.py``) and writes the same cache.
 
 Features per image:
 - ``method`` sanf / knn / gaussian: ``sem`` (D,), the semantic token (a ViT's class token of the
@@ -8,6 +10,10 @@ Features per image:
   (G*G, C), the texture tokens (``texture_layers``: a ViT's patch tokens, D = C, or a CNN's texture
   stage, C channels) average-pooled to a ``patch_grid`` x ``patch_grid`` grid.
 - ``method`` cflow: one map (C, H, W) per stage named in ``layers``.
+
+With ``--scales`` the semantic token is the concatenation of the tokens of the image at each scale
+(the pixels resized with antialiasing before the backbone). With views (``views.py``) a unit stores
+the first V views of every image, (N, V, ...) arrays, in a unit of its own (``<key>.<view set>x<V>``).
 
 The cache stores one *unit* per split part (``train-<class>``, ``test``; the one-class test split is
 stored once for all classes) as float16 ``.npy`` arrays plus a JSON file with what they were built
@@ -28,6 +34,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -46,7 +53,9 @@ from tqdm import tqdm
 
 from config import Config, ConfigError, check_scoring_stages, describe, parse_args
 from datasets import DataError, ImageList, Task, dataset_identity, load_tasks
-from utils import atomic_write_json, configure_torch, fsync_path, run_cli
+from distributed import DistributedError, Ranks, session
+from utils import atomic_write_json, configure_torch, fsync_path, run_cli, to_numpy
+from views import views_of
 
 # 2: arrays named by extraction id, JSON with file names and byte sizes; 3: a ViT's CFLOW stages stored as maps
 # (B, C, H, W) like a CNN's, not as tokens (B, 1 + H * W, C)
@@ -349,8 +358,11 @@ class FeatureExtractor(nn.Module):
         if config.method == "cflow":
             self.layers = cflow_layer_names(config, backbone, self.is_vit)
             check_scoring_stages(config.scoring, self.layers, resolved_from_auto=config.layers_auto())
+        self.scale_sizes = [config.img_size] if self.layers else [round(config.img_size * s) for s in
+                                                                  config.scale_list()]
         if self.is_vit:
-            _check_patch_multiple(config.img_size, backbone.patch_embed.patch_size[0], config.backbone)
+            for size in self.scale_sizes:
+                _check_patch_multiple(size, backbone.patch_embed.patch_size[0], config.backbone)
         data_config = timm.data.resolve_data_config({}, model=backbone)
         self.device = torch.device(config.device)
         # the backbone's own normalisation (Lite0: mean = std = 0.5; timm ViTs / ResNets: ImageNet)
@@ -362,7 +374,7 @@ class FeatureExtractor(nn.Module):
                                  self.texture_layers)
         self.names = self.head.names
         self.head.to(self.device)
-        self.compute = self.head if self.is_vit else self._frozen_graph(config.img_size)
+        self.compute = {size: self.head if self.is_vit else self._frozen_graph(size) for size in self.scale_sizes}
 
     def _frozen_graph(self, img_size: int) -> torch.jit.ScriptModule:
         self.head.backbone.to(memory_format=torch.channels_last)
@@ -381,8 +393,27 @@ class FeatureExtractor(nn.Module):
     @torch.no_grad()
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         """Named features, float32 holding float16 values: the numbers the cache stores, so that an image
-        scores the same whether its features were cached, computed on the fly or computed by predict.py."""
-        return {name: value.half().float() for name, value in zip(self.names, self.compute(self.normalise(images)))}
+        scores the same whether its features were cached, computed on the fly or computed by predict.py.
+
+        With several scales the semantic token is the concatenation of each scale's (scale 1 first) and
+        the texture tokens are scale 1's."""
+        pixels = self.normalise(images)
+        size = pixels.shape[-1]
+        outputs = self.compute[size](pixels)
+        if len(self.scale_sizes) > 1:
+            tokens = [outputs[0]] + [self.compute[other](F.interpolate(
+                pixels, size=(other, other), mode="bilinear", antialias=True, align_corners=False).contiguous(
+                memory_format=torch.channels_last))[0] for other in self.scale_sizes[1:]]
+            outputs = (torch.cat(tokens, dim=1), *outputs[1:])
+        return {name: value.half().float() for name, value in zip(self.names, outputs)}
+
+    def view_features(self, images: Tensor, view_set: str, views: int) -> dict[str, Tensor]:
+        """Features of the first ``views`` views of each image (``views.py``): (B, V, ...) arrays, each view's
+        batch through the backbone at once; ``views`` 1: the image's own features, (B, ...)."""
+        if views == 1:
+            return self(images)
+        outputs = [self(view) for view in views_of(images, view_set, views)]
+        return {name: torch.stack([output[name] for output in outputs], dim=1) for name in self.names}
 
 
 class _ResizedImages(torch.utils.data.Dataset):
@@ -454,18 +485,29 @@ def cache_folder(config: Config, layers: list[str] | None = None) -> Path:
         what = "+".join(stages)
     else:
         what = f"g{config.patch_grid}-t{config.texture_layers.replace(',', '+')}"
+    if config.method != "cflow" and config.scale_list() != (1.0,):
+        what += "-s" + "+".join(f"{scale:g}" for scale in config.scale_list())
     name = f"{config.backbone}-{weights_tag}-{config.img_size}px-{what}".replace("/", "_")
     return Path(config.cache_dir) / dataset_identity(config) / name
 
 
-def unit_metadata(extractor: FeatureExtractor, config: Config, images: ImageList) -> dict:
+def unit_metadata(extractor: FeatureExtractor, config: Config, images: ImageList, views: int = 1) -> dict:
+    """What a unit is built from; ``views`` and ``scales`` are None for one view at one scale (the units of
+    before views existed)."""
+    scales = extractor.scale_sizes if len(extractor.scale_sizes) > 1 else None
     return {
         "format": CACHE_FORMAT, "backbone": config.backbone, "weights": extractor.weights_source,
         "img_size": config.img_size, "kind": "stages" if config.method == "cflow" else "tokens",
         "patch_grid": None if config.method == "cflow" else config.patch_grid,
         "texture_layers": None if config.method == "cflow" else extractor.texture_layers,
         "layers": extractor.layers, "count": len(images), "images": images.fingerprint(),
+        "views": [config.view_set, views] if views > 1 else None, "scales": scales,
     }
+
+
+def unit_key(key: str, config: Config, views: int) -> str:
+    """The unit of ``views`` views of a split: its own file names, so units of other view counts stay valid."""
+    return key if views == 1 else f"{key}.{config.view_set}x{views}"
 
 
 def _unit_file(stem: Path, suffix: str) -> Path:
@@ -603,7 +645,7 @@ def _store_rows(arrays: dict[str, np.memmap], start: int, features: dict[str, Te
                 desc: str) -> None:
     """Write one batch's features as the float16 rows ``start:`` of the unit's arrays."""
     for name, value in features.items():
-        value16 = value.float().cpu().numpy().astype(np.float16)
+        value16 = to_numpy(value.half())  # float16 values already (FeatureExtractor.forward): half the copy
         if not np.isfinite(value16).all():
             raise CacheError(f"non-finite features from {backbone} in {desc} (float16 overflow or a broken "
                              "backbone); check --weights")
@@ -620,14 +662,15 @@ def _save_progress(arrays: dict[str, np.memmap], progress_path: Path, progress: 
 
 
 def _extract_rows(extractor: FeatureExtractor, images: ImageList, arrays: dict[str, np.memmap], progress: dict,
-                  progress_path: Path, config: Config, desc: str) -> None:
+                  progress_path: Path, config: Config, desc: str, views: int) -> None:
     """Extract the images after ``progress["done"]`` into ``arrays``, recording the progress every
     PROGRESS_SECONDS and when the loop ends, however it ends."""
     saved_at = time.monotonic()
     with tqdm(total=len(images), initial=progress["done"], desc=desc, unit="img", file=sys.stdout) as bar:
         try:
             for batch in image_batches(images, config, start=progress["done"]):
-                _store_rows(arrays, progress["done"], extractor(batch), config.backbone, desc)
+                _store_rows(arrays, progress["done"], extractor.view_features(batch, config.view_set, views),
+                            config.backbone, desc)
                 progress["done"] += len(batch)
                 bar.update(len(batch))
                 if time.monotonic() - saved_at >= PROGRESS_SECONDS:
@@ -654,7 +697,7 @@ def _commit(stem: Path, progress: dict, progress_path: Path) -> None:
 
 
 def extract_unit(extractor: FeatureExtractor, images: ImageList, stem: Path, config: Config,
-                 desc: str) -> dict[str, np.ndarray]:
+                 desc: str, views: int = 1) -> dict[str, np.ndarray]:
     """Extract ``images`` into the unit ``stem`` (the caller holds its lock), resuming a matching interrupted
     extraction.
 
@@ -663,9 +706,10 @@ def extract_unit(extractor: FeatureExtractor, images: ImageList, stem: Path, con
     names and are never renamed; the JSON, written last, is the only thing that makes them a unit.
     A full disk ends with a CacheError; what was extracted stays for the resume.
     """
-    expected = unit_metadata(extractor, config, images)
+    expected = unit_metadata(extractor, config, images, views)
     progress_path = _unit_file(stem, "progress.json")
-    probe = {k: v[0] for k, v in extractor(next(image_batches(images, config, batch_size=1))).items()}
+    probe = {k: v[0] for k, v in extractor.view_features(next(image_batches(images, config, batch_size=1)),
+                                                          config.view_set, views).items()}
     shapes = {name: [len(images), *value.shape] for name, value in probe.items()}
     progress = _resumable(stem, progress_path, expected, shapes)
     try:
@@ -675,7 +719,7 @@ def extract_unit(extractor: FeatureExtractor, images: ImageList, stem: Path, con
             progress = _new_arrays(stem, progress_path, expected, shapes)
         arrays = {name: np.lib.format.open_memmap(_array_file(stem, name, progress["id"]), mode="r+")
                   for name in shapes}
-        _extract_rows(extractor, images, arrays, progress, progress_path, config, desc)
+        _extract_rows(extractor, images, arrays, progress, progress_path, config, desc, views)
         _commit(stem, progress, progress_path)
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -686,11 +730,11 @@ def extract_unit(extractor: FeatureExtractor, images: ImageList, stem: Path, con
 
 
 def cached_features(extractor: FeatureExtractor, images: ImageList, key: str, config: Config,
-                    desc: str | None = None) -> dict[str, np.ndarray]:
-    """The features of ``images`` from the cache unit ``key``, extracted first (holding the unit's lock) where
-    missing, incomplete, or stale with ``refresh_cache``."""
-    stem = cache_folder(config, extractor.layers) / key
-    expected = unit_metadata(extractor, config, images)
+                    desc: str | None = None, views: int = 1) -> dict[str, np.ndarray]:
+    """The features of ``images`` (of their first ``views`` views) from the cache unit ``key``, extracted first
+    (holding the unit's lock) where missing, incomplete, or stale with ``refresh_cache``."""
+    stem = cache_folder(config, extractor.layers) / unit_key(key, config, views)
+    expected = unit_metadata(extractor, config, images, views)
     try:
         arrays = read_unit(stem, expected)
     except StaleCacheError:
@@ -699,25 +743,146 @@ def cached_features(extractor: FeatureExtractor, images: ImageList, key: str, co
         arrays = None
     if arrays is None:
         with unit_lock(stem):
-            arrays = extract_unit(extractor, images, stem, config, desc or key)
+            arrays = extract_unit(extractor, images, stem, config, desc or key, views)
     return arrays
 
 
 def task_features(extractor: FeatureExtractor, task: Task, config: Config) -> tuple[dict, dict]:
-    """(train, test) feature arrays of one task, extracting what the cache lacks."""
-    train = cached_features(extractor, task.train, task.train_key, config, f"{task.name} train")
-    test = cached_features(extractor, task.test, task.test_key, config, f"{task.name} test")
+    """(train, test) feature arrays of one task, extracting what the cache lacks; with views (N, V, ...) arrays
+    (``Config.cached_views``: the training unit also holds the held-out images' test views)."""
+    train = cached_features(extractor, task.train, task.train_key, config, f"{task.name} train",
+                            config.cached_views("train"))
+    test = cached_features(extractor, task.test, task.test_key, config, f"{task.name} test",
+                           config.cached_views("test"))
     return train, test
 
 
-def extract_all(config: Config) -> FeatureExtractor:
-    configure_torch(config)
-    extractor = FeatureExtractor(config)
+def part_ranges(count: int, batch_size: int, world: int) -> list[tuple[int, int]]:
+    """Each of ``world`` ranks' contiguous share [start, stop) of a unit of ``count`` images: whole batches of
+    ``batch_size`` (the unit's last one may be short), as even as whole batches allow, so that every image goes
+    through the backbone in the batch it has in one process (a batch's float sums depend on all its images)."""
+    batches = -(-count // batch_size)
+    bounds = [min(count, batches * rank // world * batch_size) for rank in range(world + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def part_stem(stem: Path, rank: int, world: int) -> Path:
+    """The unit that rank ``rank`` of ``world`` extracts its share of the unit ``stem`` into."""
+    return stem.parent / "parts" / f"{stem.name}-part{rank}of{world}"
+
+
+def extract_shared(extractor: FeatureExtractor, images: ImageList, key: str, config: Config, ranks: Ranks,
+                   desc: str, views: int = 1) -> None:
+    """Every rank at once: make the unit that :func:`cached_features` reads for ``images`` complete.
+
+    Each rank extracts its :func:`part_ranges` share into a part unit of its own (:func:`part_stem`; atomic and
+    resumable like any unit, a rerun with as many ranks reuses or resumes it); once every rank is done, rank 0
+    joins the parts (:func:`join_parts`)."""
+    stem = cache_folder(config, extractor.layers) / unit_key(key, config, views)
+    expected = unit_metadata(extractor, config, images, views)
+    try:
+        complete = read_unit(stem, expected) is not None
+    except StaleCacheError:
+        if not config.refresh_cache:
+            raise
+        complete = False
+    seen = ranks.gather(f"unit {stem.name}", "complete" if complete else "missing")
+    if len(set(seen)) > 1:
+        raise CacheError(f"cache unit {stem} is complete for rank(s) "
+                         f"{', '.join(str(r) for r, view in enumerate(seen) if view == 'complete')} only: --cache_dir "
+                         "must be one folder that every rank shares (on several machines, a shared file system)")
+    if complete:
+        return
+    parts = [images.subset(np.arange(start, stop))
+             for start, stop in part_ranges(len(images), config.extract_batch_size, ranks.world)]
+    mine, own = part_stem(stem, ranks.rank, ranks.world), parts[ranks.rank]
+    if len(own):
+        with unit_lock(mine):
+            try:
+                arrays = read_unit(mine, unit_metadata(extractor, config, own, views))
+            except StaleCacheError:  # a part of older settings is no result anyone relies on: redone, no flag needed
+                arrays = None
+            if arrays is None:
+                extract_unit(extractor, own, mine, config, f"{desc} (rank {ranks.rank})", views)
+    ranks.gather(f"parts {stem.name}")
+    if ranks.rank == 0:
+        join_parts(stem, expected, [(part_stem(stem, rank, ranks.world), unit_metadata(extractor, config, part, views))
+                                    for rank, part in enumerate(parts) if len(part)])
+    ranks.gather(f"joined {stem.name}")
+
+
+def join_parts(stem: Path, expected: dict, parts: list[tuple[Path, dict]]) -> None:
+    """The unit ``stem`` (metadata ``expected``) from its complete part units (stem, metadata) in order, under its
+    lock: the arrays that one process would have written, byte for byte, and the same JSON but for the new
+    extraction id in the file names; then every part of the unit is removed. A kill on the way leaves the parts
+    and at most a progress record of the unit (0 rows until the copy is durable), which a rerun redoes."""
+    pieces = []
+    for part, part_expected in parts:
+        arrays = read_unit(part, part_expected)
+        if arrays is None:
+            raise CacheError(f"cache part {part} is missing although its rank finished it: --cache_dir must be one "
+                             "folder that every rank shares (on several machines, a shared file system)")
+        pieces.append(arrays)
+    shapes = {name: [sum(len(piece[name]) for piece in pieces), *array.shape[1:]] for name, array in pieces[0].items()}
+    progress_path = _unit_file(stem, "progress.json")
+    with unit_lock(stem):
+        try:
+            remove_unit(stem)
+            _check_disk(stem.parent, sum(int(np.prod(shape)) * 2 for shape in shapes.values()))
+            progress = _new_arrays(stem, progress_path, expected, shapes)
+            arrays = {name: np.lib.format.open_memmap(_array_file(stem, name, progress["id"]), mode="r+")
+                      for name in shapes}
+            for piece in pieces:
+                count = len(next(iter(piece.values())))
+                for name, rows in piece.items():
+                    arrays[name][progress["done"]:progress["done"] + count] = rows
+                progress["done"] += count
+            _save_progress(arrays, progress_path, progress)
+            _commit(stem, progress, progress_path)
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise CacheError(f"no space left for the feature cache in {stem.parent}: free disk space there or pass "
+                             "--cache_dir on a larger disk (the ranks' parts stay for the next run)") from None
+    remove_parts(stem)
+
+
+def remove_parts(stem: Path) -> None:
+    """Delete every part unit of ``stem``, whatever number of ranks made it, and the parts folder once empty."""
+    folder = stem.parent / "parts"
+    if not folder.is_dir():
+        return
+    pattern = re.compile(rf"{re.escape(stem.name)}-part\d+of\d+")
+    for name in sorted({match.group(0) for path in folder.glob(f"{glob.escape(stem.name)}-part*")
+                        if (match := pattern.match(path.name))}):
+        remove_unit(folder / name)
+    if not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def extract_tasks(extractor: FeatureExtractor, tasks: list[Task], config: Config, ranks: Ranks) -> None:
+    """Every cache unit that the tasks read (what :func:`task_features` reads), in task order: by this process,
+    or by all the ranks together (:func:`extract_shared`)."""
+    for task in tasks:
+        if not ranks.distributed:
+            task_features(extractor, task, config)
+            continue
+        for images, key, split in ((task.train, task.train_key, "train"), (task.test, task.test_key, "test")):
+            extract_shared(extractor, images, key, config, ranks, f"{task.name} {split}", config.cached_views(split))
+
+
+def extract_all(config: Config, ranks: Ranks | None = None) -> FeatureExtractor:
+    """The cache of every split the run needs; under torchrun (``ranks``) each unit's images are split over the
+    ranks, each on its own device."""
+    ranks = ranks or Ranks()
+    local = ranks.local_config(config)
+    configure_torch(local)
+    extractor = FeatureExtractor(local)
     print(f"backbone {config.backbone}, weights {extractor.weights_source}")
-    for task in load_tasks(config):
-        task_features(extractor, task, config)
-    folder = cache_folder(config, extractor.layers)
-    print(f"cache: {folder} ({folder_bytes(folder) / 1e6:.1f} MB)")
+    extract_tasks(extractor, load_tasks(config), local, ranks)
+    if ranks.rank == 0:
+        folder = cache_folder(config, extractor.layers)
+        print(f"cache: {folder} ({folder_bytes(folder) / 1e6:.1f} MB)")
     return extractor
 
 
@@ -731,8 +896,9 @@ def main(argv: list[str] | None = None) -> None:
     if config.method == "cflow" and not config.cache:
         print("cache=false: features are computed on the fly by main.py; nothing to extract")
         return
-    extract_all(config)
+    with session(config) as ranks:
+        extract_all(config, ranks)
 
 
 if __name__ == "__main__":
-    run_cli(main, (ConfigError, DataError, WeightsError, CacheError))
+    run_cli(main, (ConfigError, DataError, WeightsError, CacheError, DistributedError))

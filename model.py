@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 from tqdm import tqdm
 
-from anomaly_map import (AnomalyMapGenerator, ScoringRule, StageStatistics, candidate_rules, select_scoring,
+from anomaly_map import (AnomalyMapGenerator, ScoringRule, StageStatistics, candidate_rules, on_cpu, select_scoring,
                          stage_statistics)
 from baselines import GaussianScorer, KNNScorer
 from config import Config, ConfigError, as_trained_before
@@ -44,7 +44,8 @@ from extractor import FeatureExtractor, image_batches, randomly_rotated
 from fusion import build_sanf_flow
 from synthetic import synthetic_defects
 from train import TrainingError, train_cflow, train_sanf
-from utils import atomic_torch_save, check_device, shrunk_covariance
+from utils import atomic_torch_save, check_device, shrunk_covariance, to_numpy
+from views import map_from_view
 
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 """ln sqrt(2 pi); the official code's ``_GCONST_`` is its negative, -0.9189385332046727."""
@@ -262,13 +263,25 @@ class CFlowModel(nn.Module):
             encoding = self._flat_encoding(height, width, feature_map)
             fibers = feature_map.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
             images_per_call = max(1, chunk // (height * width))
-            log_likelihoods = [folded_decoder_log_likelihood(self.decoder(stage), image_chunk, encoding)
+            permutations = block_permutations(self.decoder(stage))
+            log_likelihoods = [folded_decoder_log_likelihood(self.decoder(stage), image_chunk, encoding, permutations)
                                for image_chunk in fibers.split(images_per_call)]
             maps[stage] = torch.cat(log_likelihoods).reshape(batch, height, width)
         return maps
 
 
-def folded_decoder_log_likelihood(decoder: Ff.SequenceINN, fibers: Tensor, encoding: Tensor) -> Tensor:
+def block_permutations(decoder: Ff.SequenceINN) -> list[Tensor | None]:
+    """Per AllInOneBlock of ``decoder``: the gather index of its permutation (FrEIA keeps a (C, C) matrix) when it
+    is a hard permutation, None for a soft (orthogonal) one. Read with one host synchronisation for all blocks,
+    once per decoder call instead of twice per block and chunk."""
+    matrices = [block.w_perm.reshape(block.w_perm.shape[0], -1) for block in decoder.module_list]
+    hard = torch.stack([((matrix == 0) | (matrix == 1)).all() & (matrix.sum(dim=1) == 1).all()
+                        for matrix in matrices]).tolist()
+    return [matrix.argmax(dim=1) if is_hard else None for matrix, is_hard in zip(matrices, hard)]
+
+
+def folded_decoder_log_likelihood(decoder: Ff.SequenceINN, fibers: Tensor, encoding: Tensor,
+                                  permutations: list[Tensor | None]) -> Tensor:
     """log p / C of a CFLOW decoder's fibers at every position of a grid, without autograd's bookkeeping.
 
     Each AllInOneBlock's subnet starts with ``W [x1; c] + b = W_x x1 + (W_c c + b)``. The condition c is the
@@ -282,13 +295,14 @@ def folded_decoder_log_likelihood(decoder: Ff.SequenceINN, fibers: Tensor, encod
         decoder: a conditional ``SequenceINN`` of AllInOneBlocks with ``subnet_fc`` subnets.
         fibers: Tensor (B, H*W, C), the fibers of B images in (h, w) order.
         encoding: Tensor (H*W, P), the positional encoding in the same order.
+        permutations: the decoder's :func:`block_permutations`.
 
     Returns:
         Tensor (B, H*W) of log p / C.
     """
     channels = fibers.shape[-1]
     log_det = fibers.new_zeros(fibers.shape[:2])
-    for block in decoder.module_list:
+    for block, permutation in zip(decoder.module_list, permutations):
         if block.GIN or block.householder or block.reverse_pre_permute:
             raise ValueError("folded_decoder_log_likelihood covers the AllInOneBlocks build_cflow_decoder makes")
         first, _, second = block.subnet
@@ -301,17 +315,10 @@ def folded_decoder_log_likelihood(decoder: Ff.SequenceINN, fibers: Tensor, encod
         coupled = fibers[..., passive:] * torch.exp(log_scale) + coefficients[..., active:]
         scale = block.global_scale_activation(block.global_scale).reshape(channels)
         mixed = torch.cat((fibers[..., :passive], coupled), dim=-1) * scale + block.global_offset.reshape(channels)
-        fibers = _apply_permutation(mixed, block.w_perm.reshape(channels, channels))
+        fibers = (mixed[..., permutation] if permutation is not None  # FrEIA's F.linear(mixed, w_perm) as a gather
+                  else torch.matmul(mixed, block.w_perm.reshape(channels, channels).T))
         log_det += log_scale.sum(dim=-1) + torch.log(scale).sum()
     return (-channels * LOG_SQRT_2PI - 0.5 * fibers.pow(2).sum(dim=-1) + log_det) / channels
-
-
-def _apply_permutation(values: Tensor, matrix: Tensor) -> Tensor:
-    """``values @ matrix.T`` (FrEIA's ``F.linear``), as a gather when ``matrix`` is a permutation."""
-    is_permutation = bool(((matrix == 0) | (matrix == 1)).all()) and bool((matrix.sum(dim=1) == 1).all())
-    if is_permutation:
-        return values[..., matrix.argmax(dim=1)]
-    return torch.matmul(values, matrix.T)
 
 
 class SANFModel(nn.Module):
@@ -382,7 +389,7 @@ class SANFModel(nn.Module):
         self.mean.copy_(mean)
         self.whitening.copy_(axes)
         if texture_tokens is not None and self.context == "full":
-            channels = texture_tokens.reshape(-1, texture_tokens.shape[-1]).double()
+            channels = texture_tokens.detach().cpu().reshape(-1, texture_tokens.shape[-1]).double()  # float64: CPU
             self.texture_mean.copy_(channels.mean(dim=0))
             self.texture_scale.copy_(channels.std(dim=0).clamp_min(1e-6))
 
@@ -424,12 +431,12 @@ class SANFModel(nn.Module):
 # ----------------------------------------------------------------------------- detectors
 
 DETECTOR_FORMAT = "nf-anomaly-detector/2"
-COMMON_SCORE_FIELDS = ("method", "backbone", "img_size")
+COMMON_SCORE_FIELDS = ("method", "backbone", "img_size", "view_set", "test_views")
 SCORE_FIELDS: dict[str, tuple[str, ...]] = {
-    "sanf": ("patch_grid", "texture_layers", "token_norm", "fusion", "caff_context", "n_flow_layers", "token_dim",
+    "sanf": ("scales", "patch_grid", "texture_layers", "token_norm", "fusion", "caff_context", "n_flow_layers", "token_dim",
              "flow_channels", "hidden", "heads", "clamp", "score"),
-    "knn": ("token_norm", "knn_k"),
-    "gaussian": ("token_norm", "gaussian_shrinkage"),
+    "knn": ("scales", "token_norm", "knn_k"),
+    "gaussian": ("scales", "token_norm", "gaussian_shrinkage"),
     "cflow": ("layers", "condition_dims", "n_flow_layers", "clamp", "permute_soft", "map_norm", "scoring"),
 }
 """Settings that change a trained detector's scores, per method: a checkpoint refuses other values."""
@@ -458,16 +465,21 @@ class StageFeatures:
     the official code and anomalib). From an image list, ``rotate_degrees`` > 0 rotates every image by a
     fresh random angle each time it is read (``extractor.randomly_rotated``, seeded by ``config.seed``);
     :meth:`unrotated` gives the same images without it.
+
+    Maps of ``views`` > 1 views per image (scoring with test views) hold (N * V, C, H, W) rows, the V views of
+    an image next to each other; ``len`` counts rows, so training sees every view as one more image.
     """
 
     def __init__(self, maps: dict[str, Tensor] | None = None, images: ImageList | None = None,
                  extractor: FeatureExtractor | None = None, config: Config | None = None,
-                 rotate_degrees: float = 0.0) -> None:
+                 rotate_degrees: float = 0.0, views: int = 1) -> None:
         if (maps is None) == (images is None or extractor is None or config is None):
             raise ValueError("give either the maps, or the images with an extractor and a config")
         if rotate_degrees and maps is not None:
             raise ValueError("cached feature maps cannot be rotated: rotation needs the images")
-        self.maps, self.images, self.extractor, self.config = maps, images, extractor, config
+        if views > 1 and maps is None:
+            raise ValueError("views are extracted into the cache: give the maps")
+        self.maps, self.images, self.extractor, self.config, self.views = maps, images, extractor, config, views
         self.rotate_degrees = rotate_degrees
         self.rotations = torch.Generator().manual_seed(config.seed) if rotate_degrees else None
 
@@ -478,9 +490,16 @@ class StageFeatures:
         return StageFeatures(images=self.images, extractor=self.extractor, config=self.config)
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], device: str | torch.device) -> StageFeatures:
+    def from_arrays(cls, arrays: dict[str, np.ndarray], device: str | torch.device, views: int = 1) -> StageFeatures:
+        """Cached float16 maps (N * views, C, H, W) as float32 channels-last tensors on ``device``."""
         return cls({stage: torch.from_numpy(np.asarray(array, dtype=np.float32)).to(device)
-                    .contiguous(memory_format=torch.channels_last) for stage, array in arrays.items()})
+                    .contiguous(memory_format=torch.channels_last) for stage, array in arrays.items()}, views=views)
+
+    def first_view(self) -> StageFeatures:
+        """Each image's view 0 (the image itself) alone."""
+        if self.views == 1:
+            return self
+        return StageFeatures({stage: maps[::self.views] for stage, maps in self.maps.items()})
 
     def __len__(self) -> int:
         return len(next(iter(self.maps.values()))) if self.maps is not None else len(self.images)
@@ -489,10 +508,11 @@ class StageFeatures:
         """Feature maps of ``batch_size`` images at a time, in ``order`` (default: the listed order)."""
         order = torch.arange(len(self)) if order is None else order
         if self.maps is not None:
-            for index in order.split(batch_size):
-                yield {stage: maps[index.to(maps.device)] for stage, maps in self.maps.items()}
+            device = next(iter(self.maps.values())).device
+            for index in order.to(device).split(batch_size):  # one copy to the device, not one per batch and stage
+                yield {stage: maps[index] for stage, maps in self.maps.items()}
             return
-        for images in image_batches(self.images.subset(order.numpy()), self.config, batch_size=batch_size):
+        for images in image_batches(self.images.subset(to_numpy(order)), self.config, batch_size=batch_size):
             if self.rotations is not None:
                 images = randomly_rotated(images, self.rotate_degrees, self.rotations)
             yield {stage: value.float() for stage, value in self.extractor(images).items()}
@@ -504,12 +524,19 @@ class StageFeatures:
         """The maps of these stages alone (the stage-parallel training of ``--stage_workers``)."""
         if self.maps is None:
             raise ValueError("the feature maps of some stages alone need cached features (--cache)")
-        return StageFeatures({stage: self.maps[stage] for stage in stages})
+        return StageFeatures({stage: self.maps[stage] for stage in stages}, views=self.views)
 
 
 TokenFeatures = dict[str, Tensor]
 """Raw semantic-method features of M images: ``sem`` (M, D) and ``patches`` (M, N, C), float32 (C: the
-texture stage's channels, D for a ViT's patch tokens)."""
+texture stage's channels, D for a ViT's patch tokens); with V views of each image (M, V, D) and (M, V, N, C)."""
+
+
+def flat_views(tokens: TokenFeatures) -> TokenFeatures:
+    """Token features with their views as more rows: (M, V, ...) → (M * V, ...); one view as it is."""
+    if tokens["sem"].dim() == 2:
+        return tokens
+    return {name: value.flatten(0, 1) for name, value in tokens.items()}
 
 
 def _jsonable(value: Any) -> Any:
@@ -605,14 +632,25 @@ class Detector:
 
     def score_images(self, images: Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """uint8 images (B, 3, S, S) at ``img_size`` → image scores (B,) and anomaly maps (B, S, S) or None."""
+        self.check_per_image_scores()
         size = self.config.img_size
         if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
             raise DetectorError(f"score_images takes uint8 images of shape (B, 3, {size}, {size}); got {images.dtype} "
                                 f"{tuple(images.shape)} (float pixels in [0, 1]: multiply by 255 and round; other "
                                 "sizes: Detector.predict resizes as in training)")
         with record_function("predict.backbone"):
-            features = self.features_of(self.extractor(images))
+            features = self.features_of(self.extractor.view_features(images, self.config.view_set,
+                                                                     self.config.test_views))
         return self.score(features)
+
+    def check_per_image_scores(self) -> None:
+        """Stop with a DetectorError where a new image's score would depend on the images scored with it: CFLOW's
+        ``map_norm`` test and batch normalise the maps by maxima over the scored set."""
+        if self.method == "cflow" and self.config.map_norm != "train":
+            raise DetectorError(f"this detector was trained with --map_norm {self.config.map_norm}, which normalises "
+                                "the maps over the images scored together, so a new image's score would depend on "
+                                "the others in its batch; retrain with --map_norm train to score new images "
+                                "(main.py --eval_only still rescores the whole test split at once)")
 
     def predict(self, images: Any, batch_size: int | None = None) -> Prediction:
         """Scores, flags and maps of new images, in the order given.
@@ -698,10 +736,13 @@ class _TokenDetector(Detector):
 
     @torch.no_grad()
     def score(self, features: TokenFeatures) -> tuple[np.ndarray, None]:
+        """Image scores (M,); with views (``sem`` (M, V, D)) the mean of each image's view scores (DifferNet)."""
         tokens = self.normalised(features)
+        images, views = self.count(tokens), (tokens["sem"].shape[1] if tokens["sem"].dim() == 3 else 1)
+        tokens = flat_views(tokens)
         chunks = [self._score_tokens({name: value[start:start + 1024] for name, value in tokens.items()})
-                  for start in range(0, self.count(tokens), 1024)]
-        return torch.cat(chunks).double().cpu().numpy(), None
+                  for start in range(0, len(tokens["sem"]), 1024)]
+        return to_numpy(torch.cat(chunks).cpu().double().view(images, views).mean(dim=1)), None
 
     def _score_tokens(self, tokens: TokenFeatures) -> Tensor:
         raise NotImplementedError
@@ -738,9 +779,9 @@ class SANFDetector(_TokenDetector):
 
     def _fit(self, fit: TokenFeatures, held_out: TokenFeatures | None, name: str,
              held_out_images: ImageList | None = None) -> dict[str, Any]:
-        tokens = self.normalised(fit)
+        tokens = flat_views(self.normalised(fit))
         (_, dim), (_, n_tokens, texture_dim) = tokens["sem"].shape, tokens["patches"].shape
-        held = None if held_out is None or self.count(held_out) == 0 else self.normalised(held_out)
+        held = None if held_out is None or self.count(held_out) == 0 else flat_views(self.normalised(held_out))
         contexts = self._readings_to_train(dim, texture_dim, held is not None)
         trained: dict[str, tuple[SANFModel, dict[str, Any]]] = {}
         for context in contexts:
@@ -792,7 +833,7 @@ class KNNDetector(_TokenDetector):
         if self.count(fit) < self.config.knn_k:
             raise ConfigError(f"kNN with --knn_k {self.config.knn_k} needs at least {self.config.knn_k} fit images; "
                               f"task {name} has {self.count(fit)} (lower --knn_k or --val_fraction, or add images)")
-        self.scorer.fit(self.normalised(fit)["sem"])
+        self.scorer.fit(flat_views(self.normalised(fit))["sem"])
         return {}
 
     def _score_tokens(self, tokens: TokenFeatures) -> Tensor:
@@ -816,7 +857,7 @@ class GaussianDetector(_TokenDetector):
 
     def _fit(self, fit: TokenFeatures, held_out: TokenFeatures | None, name: str,
              held_out_images: ImageList | None = None) -> dict[str, Any]:
-        self.scorer.fit(self.normalised(fit)["sem"])
+        self.scorer.fit(flat_views(self.normalised(fit))["sem"])
         return {"shrinkage": self.scorer.used_shrinkage}
 
     def _score_tokens(self, tokens: TokenFeatures) -> Tensor:
@@ -826,8 +867,7 @@ class GaussianDetector(_TokenDetector):
         return {"mean": self.scorer.mean, "precision": self.scorer.precision}, {}
 
     def _restore(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-        self.scorer.mean = tensors["mean"].to(self.config.device)
-        self.scorer.precision = tensors["precision"].to(self.config.device)
+        self.scorer.load(tensors["mean"], tensors["precision"], self.config.device)
 
 
 DEFECT_COPIES = 3
@@ -857,7 +897,10 @@ class CFlowDetector(Detector):
                                 seed=config.seed).to(config.device)
 
     def features_of(self, backbone_outputs: dict[str, Tensor]) -> StageFeatures:
-        return StageFeatures({stage: value.float() for stage, value in backbone_outputs.items()})
+        """Stage maps (B, C, H, W), or with test views (B, V, C, H, W) → StageFeatures of B * V rows."""
+        views = self.config.test_views
+        return StageFeatures({stage: (value.flatten(0, 1) if views > 1 else value).float()
+                              for stage, value in backbone_outputs.items()}, views=views)
 
     def _fit(self, fit: StageFeatures, held_out: StageFeatures | None, name: str,
              held_out_images: ImageList | None = None) -> dict[str, Any]:
@@ -884,7 +927,7 @@ class CFlowDetector(Detector):
             outputs = [self.extractor(batch) for batch in defects.split(config.extract_batch_size)]
         defect_features = StageFeatures({stage: torch.cat([output[stage].float() for output in outputs])
                                          for stage in outputs[0]})
-        self.rule, rows = select_scoring(self.stage_log_likelihoods(held_out), self.stage_log_likelihoods(
+        self.rule, rows = select_scoring(self.stage_log_likelihoods(held_out.first_view()), self.stage_log_likelihoods(
             defect_features), self.statistics, (config.img_size, config.img_size),
             candidate_rules(self.model.stage_names))
         return rows
@@ -899,20 +942,24 @@ class CFlowDetector(Detector):
 
     @torch.no_grad()
     def stage_log_likelihoods(self, features: StageFeatures) -> dict[str, Tensor]:
-        """log p / C maps (N, H_l, W_l) of every image, per stage."""
+        """log p / C maps (N, H_l, W_l) of every image, per stage, on the CPU (where the maps are made)."""
         self.model.eval()
         size = self.config.test_batch_size
-        batches = [self.model.stage_log_likelihood_maps(f) for f in
+        batches = [on_cpu(self.model.stage_log_likelihood_maps(f)) for f in
                    tqdm(features.batches(size), desc="scoring", total=math.ceil(len(features) / size),
                         unit="batch", leave=False, disable=len(features) <= size)]
         return {stage: torch.cat([maps[stage] for maps in batches]) for stage in self.model.stage_names}
 
     def score(self, features: StageFeatures) -> tuple[np.ndarray, np.ndarray]:
-        """Image scores (N,) float64 under the scoring rule and anomaly maps (N, S, S) float32 at ``img_size``."""
+        """Image scores (N,) float64 under the scoring rule and anomaly maps (N, S, S) float32 at ``img_size``;
+        with views, each image's mean score over its views and the mean of its views' maps turned back."""
         with record_function("predict.flows"):
             stage_maps = self.stage_log_likelihoods(features)
         with record_function("predict.anomaly_maps"):
-            return anomaly_maps(stage_maps, self.config, self.statistics, self.rule)
+            scores, maps = anomaly_maps(stage_maps, self.config, self.statistics, self.rule)
+        if features.views == 1:
+            return scores, maps
+        return averaged_views(scores, maps, self.config.view_set, features.views)
 
     def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         return self.model.state_dict(), {"stage_channels": self.model.stage_channels, "statistics": self.statistics,
@@ -950,9 +997,17 @@ def anomaly_maps(stage_maps: dict[str, Tensor], config: Config, statistics: Stag
     for start in range(0, count, group):
         batch = {stage: values[start:start + group] for stage, values in stage_maps.items()}
         batch_maps = paper(batch)
-        scores.append(scorer.image_scores(batch_maps if scorer is paper else scorer(batch)).cpu().numpy())
-        maps.append(batch_maps.float().cpu().numpy())
+        scores.append(to_numpy(scorer.image_scores(batch_maps if scorer is paper else scorer(batch))))
+        maps.append(to_numpy(batch_maps.float()))
     return np.concatenate(scores), np.concatenate(maps)
+
+
+def averaged_views(scores: np.ndarray, maps: np.ndarray, view_set: str, views: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (N * V,) and maps (N * V, S, S) of V views per image → each image's mean score (N,) and the mean of
+    its views' maps, each turned back onto the image first (``views.map_from_view``), (N, S, S)."""
+    per_view = torch.from_numpy(maps).view(-1, views, *maps.shape[1:])
+    turned_back = torch.stack([map_from_view(per_view[:, view], view_set, view) for view in range(views)], dim=1)
+    return scores.reshape(-1, views).mean(axis=1), to_numpy(turned_back.mean(dim=1))
 
 
 DETECTORS: dict[str, type[Detector]] = {"sanf": SANFDetector, "cflow": CFlowDetector, "knn": KNNDetector,
@@ -988,7 +1043,7 @@ def trained_config(saved: dict[str, Any], path: Path) -> Config:
 
 TRAINING_FIELDS = ("max_train_per_class", "seed", "train_noise", "fiber_batch", "epochs", "batch_size", "lr", "beta1",
                    "beta2", "adam_eps", "weight_decay", "grad_clip", "lr_schedule", "sub_epochs", "rotate_degrees",
-                   "val_fraction", "patience", "held_out_checks", "threshold_fpr")
+                   "train_views", "val_fraction", "patience", "held_out_checks", "threshold_fpr")
 """Settings that made a checkpoint (its fit images, held-out images, training and threshold) without changing how
 it scores: ``main.py --eval_only`` refuses other values, since its results.json would report them."""
 

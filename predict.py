@@ -8,7 +8,9 @@ a CFLOW detector, ``OUT/maps/<name>.npy`` (float16, img_size x img_size) and ``O
 per image. The outputs are written into ``OUT/.predict-partial`` and moved into place once every image
 is scored, replacing an earlier run's: a run that stops leaves the earlier outputs as they were. The
 checkpoint is read with ``torch.load(weights_only=True)``: no pickled code runs. The backbone comes from
-its recorded weights (``--weights FILE`` where that file lives elsewhere now; its hash must match).
+its recorded weights (``--weights FILE`` where that file lives elsewhere now; its hash must match). A CFLOW
+detector trained with ``--map_norm test`` or ``batch`` is refused: its maps are normalised over the images
+scored together, so an image's score would depend on its batch (``--map_norm train`` makes it its own).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from datasets import DataError, image_list_from_files, list_image_files
 from extractor import CacheError, WeightsError, image_batches
 from model import Detector, DetectorError, load_detector
 from report import csv_field, save_overlay
-from utils import atomic_write_bytes, check_device, configure_torch, run_cli
+from utils import atomic_write_bytes, configure_device, configure_torch, run_cli, to_numpy
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -131,7 +133,7 @@ def _write_maps(out: Path, names: list[str], maps: np.ndarray, images: torch.Ten
     def write(offset: int) -> None:
         np.save(out / "maps" / f"{names[offset]}.npy", maps[offset].astype(np.float16))
         if overlays:  # one colour scale for every image: 0 to twice the maps' threshold (green = threshold)
-            save_overlay(images[offset].permute(1, 2, 0).numpy(), maps[offset], 0.0, 2 * map_threshold,
+            save_overlay(to_numpy(images[offset].permute(1, 2, 0)), maps[offset], 0.0, 2 * map_threshold,
                          out / "overlays" / f"{names[offset]}.png")
 
     with ThreadPoolExecutor(max(1, min(torch.get_num_threads(), len(names)))) as pool:
@@ -159,8 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     run_settings = {"device": args.device, "test_batch_size": args.batch_size, "num_workers": 0}
     if args.weights:
         run_settings["weights"] = args.weights
-    check_device(args.device)
+    configure_device(args.device)  # before load_detector puts the detector there: CUDA's settings come first
     detector = load_detector(args.checkpoint, **run_settings)
+    detector.check_per_image_scores()
     configure_torch(detector.config)
     backbone = detector.extractor  # built, and its weights checked, before any image is read
     images = images_to_score(args.images, Path(args.out))

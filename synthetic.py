@@ -27,6 +27,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 from torch import Tensor
 
+from utils import to_numpy
+
 DEFECT_KINDS = ("cutpaste", "scar", "noise", "blur", "stain")
 VISIBLE = 8
 
@@ -143,7 +145,7 @@ def synthetic_defects(images: Tensor, seed: int, kinds: tuple[str, ...] = DEFECT
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3 or len(images) < 2:
         raise ValueError(f"expected at least 2 uint8 images (N, 3, S, S), got {images.dtype} {tuple(images.shape)}")
     rng = np.random.default_rng(seed)
-    pixels = images.permute(0, 2, 3, 1).numpy()
+    pixels = to_numpy(images.permute(0, 2, 3, 1))
     size = pixels.shape[1]
     defective, masks = [], []
     for index, image in enumerate(pixels):

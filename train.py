@@ -175,10 +175,10 @@ def _adam(parameters: Any, config: Config) -> torch.optim.Adam:
                             weight_decay=config.weight_decay, fused=fused)
 
 
-def _step(loss: Tensor, optimizer: torch.optim.Optimizer, parameters: Any, config: Config, where: str) -> float:
-    """One optimizer step; the ``record_function`` labels name the parts in a profile (bench/profile_cflow.py)."""
-    if not torch.isfinite(loss):
-        raise TrainingError(f"non-finite loss at {where}; lower --lr (now {config.lr}) or set --grad_clip 1")
+def _step(loss: Tensor, optimizer: torch.optim.Optimizer, parameters: Any, config: Config) -> Tensor:
+    """One optimizer step; returns the loss, detached, where it lives: reading it (``.item()``, a finiteness test)
+    would make the host wait for the device at every step, so the loops read their steps' losses together
+    (:func:`read_losses`). The ``record_function`` labels name the parts in a profile (bench/profile_cflow.py)."""
     with record_function("train.backward"):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -186,7 +186,18 @@ def _step(loss: Tensor, optimizer: torch.optim.Optimizer, parameters: Any, confi
             torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
     with record_function("train.optimizer_step"):
         optimizer.step()
-    return loss.item()
+    return loss.detach()
+
+
+def read_losses(losses: list[Tensor], config: Config, where: Callable[[int], str]) -> list[float]:
+    """The losses of a run of steps as floats, read from the device at once; a non-finite one stops with a
+    TrainingError naming the first such step (``where(index)``). The steps after it have run on non-finite
+    weights, which no result keeps: training stops here."""
+    values = torch.stack(losses).tolist()
+    for index, value in enumerate(values):
+        if not math.isfinite(value):
+            raise TrainingError(f"non-finite loss at {where(index)}; lower --lr (now {config.lr}) or set --grad_clip 1")
+    return values
 
 
 # ----------------------------------------------------------------------------- SANF
@@ -207,16 +218,17 @@ def train_sanf(model: nn.Module, fit: dict[str, Tensor], held_out: dict[str, Ten
     checks = 1 if held_out is None else min(config.held_out_checks, math.ceil(count / config.batch_size))
 
     def run_epoch(epoch: int) -> Iterator[float]:
-        batches = torch.randperm(count, generator=generator).split(config.batch_size)
+        # drawn on the CPU (the same order on every device), moved to the features' device once per epoch
+        batches = torch.randperm(count, generator=generator).to(fit["sem"].device).split(config.batch_size)
         for part in torch.arange(len(batches)).tensor_split(checks):
             model.train()
-            losses = []
-            for batch in part.tolist():
+            losses, numbers = [], part.tolist()
+            for batch in numbers:
                 index = batches[batch]
                 loss = model.nll_per_dim(fit["sem"][index], fit["patches"][index], config.train_noise).mean()
-                where = f"epoch {epoch}, batch {batch + 1} of '{name}'"
-                losses.append(_step(loss, optimizer, parameters, config, where))
-            yield sum(losses) / len(losses)
+                losses.append(_step(loss, optimizer, parameters, config))
+            values = read_losses(losses, config, lambda step: f"epoch {epoch}, batch {numbers[step] + 1} of '{name}'")
+            yield sum(values) / len(values)
 
     @torch.no_grad()
     def held_out_nll() -> float:
@@ -284,7 +296,8 @@ def stage_loss_function(model: nn.Module, compile_it: bool) -> Callable[[str, Te
             return compiled(stage, fibers, conditions)
         except Exception as error:  # inductor's failures have many classes; all mean the same to a user
             raise TrainingError(f"--compile failed ({type(error).__name__}: {str(error)[:300]}); it needs a working "
-                                "C++ compiler (g++) for torch.compile's CPU backend; install one or drop --compile") \
+                                "C++ compiler (g++) for torch.compile's CPU backend (and Triton for its CUDA one); "
+                                "install one or drop --compile") \
                 from error
 
     return checked
@@ -305,13 +318,17 @@ class StageTrainer:
         self.fit = fit if every_stage else fit.only(stages)
         self.held_out = held_out if every_stage or held_out is None else held_out.only(stages)
         self.optimizer = _adam([p for stage in stages for p in model.decoder(stage).parameters()], config)
-        self.generators = {stage: torch.Generator().manual_seed(stage_seed(config.seed, model.stage_names.index(stage)))
-                           for stage in stages}
+        # on the features' device: the fiber order is drawn where the fibers are, with no copy per image batch
+        self.generators = {stage: torch.Generator(device=config.device).manual_seed(
+            stage_seed(config.seed, model.stage_names.index(stage))) for stage in stages}
         self.stage_loss = stage_loss_function(model, config.compile)
         self.kept_weights = [ModuleWeights(model.decoder(stage)) for stage in stages]
 
     def train_epoch(self, epoch: int, order: list[int]) -> dict[str, tuple[float, int]]:
-        """One epoch over the fit images in ``order``; per stage, the loss summed over fibers and their count."""
+        """One epoch over the fit images in ``order``; per stage, the loss summed over fibers and their count.
+
+        The device is read once per image batch (every stage's step losses together, :func:`read_losses`), not
+        at every step."""
         self.model.train()
         totals = {stage: (0.0, 0) for stage in self.stages}
         batches = math.ceil(len(order) / self.config.batch_size)
@@ -319,29 +336,36 @@ class StageTrainer:
             if self.config.lr_schedule == "official":
                 for group in self.optimizer.param_groups:
                     group["lr"] = official_cflow_lr(self.config, epoch, batch, batches)
+            losses, steps = [], []  # steps: (stage, fibers) of each loss
             for stage, feature_map in features.items():
-                where = f"epoch {epoch}, image batch {batch + 1}, stage {stage} of '{self.name}'"
                 with record_function("train.fibers"):
                     fibers, conditions = self.model.fibers_of(feature_map)
                 for chunk in shuffled_fiber_chunks(fibers, conditions, self.config.fiber_batch,
                                                    self.generators[stage]):
                     with record_function("train.forward"):
                         loss = self.stage_loss(stage, *chunk)
-                    parameters = self.model.decoder(stage).parameters()
-                    loss_sum, count = totals[stage]
-                    totals[stage] = (loss_sum + _step(loss, self.optimizer, parameters, self.config, where)
-                                     * len(chunk[0]), count + len(chunk[0]))
+                    losses.append(_step(loss, self.optimizer, self.model.decoder(stage).parameters(), self.config))
+                    steps.append((stage, len(chunk[0])))
+            values = read_losses(losses, self.config, lambda step: f"epoch {epoch}, image batch {batch + 1}, stage "
+                                                                   f"{steps[step][0]} of '{self.name}'")
+            for (stage, count), value in zip(steps, values):
+                loss_sum, total_count = totals[stage]
+                totals[stage] = (loss_sum + value * count, total_count + count)
         return totals
 
     @torch.no_grad()
     def held_out_totals(self) -> dict[str, tuple[float, int]]:
-        """Per stage: the held-out fibers' NLL per dimension, summed, and their count."""
+        """Per stage: the held-out fibers' NLL per dimension, summed, and their count. Each batch's sum stays on the
+        device (a float64 accumulator of a float32 reduction) until all are read at once."""
         self.model.eval()
-        totals = {stage: (0.0, 0) for stage in self.stages}
+        sums: list[tuple[str, Tensor, int]] = []
         for features in self.held_out.batches(self.config.test_batch_size):
             for stage, log_likelihood in self.model.stage_log_likelihood_maps(features).items():
-                total, count = totals[stage]
-                totals[stage] = (total - log_likelihood.double().sum().item(), count + log_likelihood.numel())
+                sums.append((stage, log_likelihood.sum(dtype=torch.float64), log_likelihood.numel()))
+        totals = {stage: (0.0, 0) for stage in self.stages}
+        for (stage, _, count), value in zip(sums, torch.stack([value for _, value, _ in sums]).tolist()):
+            total, total_count = totals[stage]
+            totals[stage] = (total - value, total_count + count)
         return totals
 
     def remember(self) -> None:

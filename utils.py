@@ -82,21 +82,52 @@ def fsync_path(path: Path) -> None:
 
 
 def configure_torch(config: Any) -> None:
-    """Once per run: malloc's reuse of freed memory, threads, the device check and every seed.
+    """Once per run: malloc's reuse of freed memory, threads, the device (:func:`configure_device`) and every seed.
 
     Seeding here makes a CPU run repeatable bit for bit (features, training curves, scores) on one
     machine with one thread count: torch's default generator starts from a random seed in every
     process, and the SANF flow's subnet weights are drawn from it. No op of the CPU pipeline is
-    nondeterministic (``torch.use_deterministic_algorithms`` changes no bit), so it is not set; CUDA
-    runs would need it (and CUBLAS_WORKSPACE_CONFIG). Another thread count (``--threads``) changes
-    the order of parallel float sums: a few cached feature values in 10^4 move by one float16 step,
-    and scores by about 1e-5 relative.
+    nondeterministic, so a CPU run sets no determinism switch. Another thread count (``--threads``)
+    changes the order of parallel float sums: a few cached feature values in 10^4 move by one float16
+    step, and scores by about 1e-5 relative.
     """
     keep_freed_memory()
     if config.threads:
         torch.set_num_threads(config.threads)
-    check_device(config.device)
+    configure_device(config.device)
     seed_everything(config.seed)
+
+
+DETERMINISTIC_CUBLAS = (":4096:8", ":16:8")
+"""The CUBLAS_WORKSPACE_CONFIG values with which cuBLAS (CUDA >= 10.2) gives the same bits every run."""
+
+
+def configure_device(device: str) -> None:
+    """Check ``device`` (:func:`check_device`); for CUDA make every op deterministic and float32 exact.
+
+    On CUDA: ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (set before CUDA initialises, unless already one of
+    ``DETERMINISTIC_CUBLAS``), cuDNN without benchmarking (which picks its convolution algorithm by timing)
+    and restricted to deterministic algorithms, and ``torch.use_deterministic_algorithms(True)``, which
+    raises on an op that has no deterministic CUDA kernel. None of the ops that lack one (the backward of
+    adaptive average pooling and of bilinear upsampling, scatter-style accumulation, ...) is differentiated
+    here: pooling runs in the frozen backbone, upsampling on the CPU maps. TF32 is off for convolutions
+    (cuDNN's default) and matrix products, so that float32 is float32 and a GPU's features and scores
+    agree with a CPU's up to float rounding. A CPU device changes nothing.
+    """
+    if device.split(":")[0] == "cuda":
+        workspace = os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", DETERMINISTIC_CUBLAS[0])
+        if workspace not in DETERMINISTIC_CUBLAS:
+            from config import ConfigError
+
+            raise ConfigError(f"CUBLAS_WORKSPACE_CONFIG={workspace} makes cuBLAS nondeterministic on --device "
+                              f"{device}: unset it or set it to {' or '.join(DETERMINISTIC_CUBLAS)}")
+    check_device(device)
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.use_deterministic_algorithms(True)
 
 
 def peak_memory_gb() -> float:
@@ -153,15 +184,22 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def to_numpy(tensor: Tensor) -> np.ndarray:
+    """A tensor's values as a numpy array: detached and moved to the CPU first (``Tensor.numpy`` refuses a tensor
+    on an accelerator). The one place where tensors become arrays."""
+    return tensor.detach().cpu().numpy()
+
+
 def shrunk_covariance(features: Tensor, shrinkage: float = 0.0) -> tuple[Tensor, np.ndarray, float]:
-    """Mean (D,) float64 on the features' device, shrunk covariance (D, D) float64 and the shrinkage used.
+    """Mean (D,) float64, shrunk covariance (D, D) float64 and the shrinkage used, all on the CPU (statistics in
+    float64 stay off the accelerator).
 
     ``shrinkage`` 0 picks the Ledoit-Wolf coefficient from the data; a value in (0, 1] blends the
     sample covariance with a scaled identity: (1 - s) S + s (tr S / D) I.
     """
-    samples = features.double()
+    samples = features.detach().cpu().double()
     mean = samples.mean(dim=0)
-    centred = (samples - mean).cpu().numpy()
+    centred = to_numpy(samples - mean)
     if shrinkage > 0:
         covariance = centred.T @ centred / max(len(centred) - 1, 1)
         target = np.trace(covariance) / covariance.shape[0] * np.eye(covariance.shape[0])

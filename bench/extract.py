@@ -17,6 +17,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -55,7 +56,7 @@ def main() -> None:
     count = pop_bench_images(argv, 2000)
     config = parse_args(argv)
     tasks = load_tasks(config)
-    images = tasks[0].test.subset(torch.arange(min(count, len(tasks[0].test))).numpy())
+    images = tasks[0].test.subset(np.arange(min(count, len(tasks[0].test))))
     extractor = FeatureExtractor(config)
     batches = list(image_batches(images, config))
     bare = bare_forward_rate(extractor, batches)

@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -48,7 +49,7 @@ def extract(argv: list[str], count: int, keep_freed: bool) -> dict[str, Any]:
         scratch = replace(config, cache_dir=folder)
         before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         if count:
-            images = tasks[0].test.subset(torch.arange(min(count, len(tasks[0].test))).numpy())
+            images = tasks[0].test.subset(np.arange(min(count, len(tasks[0].test))))
             cached_features(extractor, images, "bench", scratch, desc=f"{len(images)} images")
             n_images = len(images)
         else:

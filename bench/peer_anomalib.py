@@ -64,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import Config, describe, parse_args  # noqa: E402
 from datasets import load_tasks  # noqa: E402
 from utils import peak_memory_gb as own_peak_memory_gb  # noqa: E402
+from utils import to_numpy  # noqa: E402
 
 ANOMALIB_FIBER_BATCH, ANOMALIB_LR = 64, 1e-4  # anomalib Cflow's defaults: its own optimiser setting
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1", "pixel_f1")
@@ -210,6 +211,14 @@ def anomalib_datamodule(config: Config) -> tuple[Any, str]:
     return datamodule, f"Folder (abnormal_dir test/{{{','.join(defects)}}}, normal_test_dir {normal_test}; {note})"
 
 
+def lightning_device(device: str) -> tuple[str, Any]:
+    """Lightning's accelerator and devices for a torch device: cpu, cuda (the current GPU) or cuda:N."""
+    kind, _, index = device.partition(":")
+    if kind == "cpu":
+        return "cpu", 1
+    return "gpu", [int(index)] if index else 1
+
+
 def anomalib_cflow(config: Config) -> dict[str, Any]:
     """anomalib's Cflow (Engine.fit for config.epochs epochs, then Engine.predict on the test split)."""
     import torch
@@ -256,7 +265,8 @@ def anomalib_cflow(config: Config) -> dict[str, Any]:
     timer = EpochTimer()
     datamodule, data_note = anomalib_datamodule(config)
     with tempfile.TemporaryDirectory() as folder:
-        engine = Engine(max_epochs=config.epochs, accelerator="cpu", devices=1, default_root_dir=folder,
+        accelerator, devices = lightning_device(config.device)
+        engine = Engine(max_epochs=config.epochs, accelerator=accelerator, devices=devices, default_root_dir=folder,
                         logger=False, callbacks=[timer], enable_progress_bar=True)
         started = time.perf_counter()
         engine.fit(model=model, datamodule=datamodule)
@@ -275,7 +285,7 @@ def anomalib_cflow(config: Config) -> dict[str, Any]:
         anomaly_maps = torch.nn.functional.interpolate(raw_maps, size=size, mode="bilinear", align_corners=False)[:, 0]
         for path, score, anomaly_map in zip(batch.image_path, batch.pred_score.flatten(), anomaly_maps):
             index = position[f"{Path(path).parent.name}/{Path(path).name}"]
-            scores[index], maps[index], filled[index] = float(score), anomaly_map.numpy(), True
+            scores[index], maps[index], filled[index] = float(score), to_numpy(anomaly_map), True
     if not filled.all():
         missing = [task.test.ids[i] for i in np.flatnonzero(~filled)[:5]]
         raise RuntimeError(f"anomalib scored {filled.sum()} of our {len(filled)} test images; missing e.g. {missing}")

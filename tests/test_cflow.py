@@ -479,9 +479,9 @@ def test_training_with_the_official_schedule_steps_at_its_rate_in_every_image_ba
     rates = []
     step = train_module._step
 
-    def recording_step(loss, optimizer, parameters, config, where):
+    def recording_step(loss, optimizer, parameters, config):
         rates.append(optimizer.param_groups[0]["lr"])
-        return step(loss, optimizer, parameters, config, where)
+        return step(loss, optimizer, parameters, config)
 
     monkeypatch.setattr(train_module, "_step", recording_step)
     fit = random_stage_features(5, 2, config, shift=2.0)

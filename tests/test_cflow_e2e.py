@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,7 @@ def test_bottle_trains_scores_localises_and_rescores_from_its_checkpoint(tmp_pat
     assert all(entry["image_auroc"] > 0.5 and entry["pixel_auroc"] > 0.5 for entry in per_type.values())
 
     folder = results_folder(config)
-    assert folder.name.startswith("mvtec-") and folder.name.endswith("-tf_efficientnet_lite0-cflow")
+    assert re.fullmatch(r"mvtec-.*-tf_efficientnet_lite0-cflow-[0-9a-f]{8}", folder.name)
     saved = json.loads((folder / "results.json").read_text())
     assert saved["complete"] and saved["map_normalization"] == "train"
     assert saved["stages"] == ["blocks.2", "blocks.4", "blocks.6"]

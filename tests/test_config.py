@@ -93,11 +93,15 @@ def test_boolean_flags():
     assert exit_info.value.code == 2
 
 
-def help_text(argv, capsys) -> str:
+def help_output(argv, capsys, flag: str = "--help-all") -> str:
     with pytest.raises(SystemExit) as exit_info:
-        parse_args([*argv, "--help"], prog="main.py")
+        parse_args([*argv, flag], prog="main.py")
     assert exit_info.value.code == 0
-    return " ".join(capsys.readouterr().out.split())
+    return capsys.readouterr().out
+
+
+def help_text(argv, capsys, flag: str = "--help-all") -> str:
+    return " ".join(help_output(argv, capsys, flag).split())
 
 
 def default_in_help(text: str, name: str) -> str:
@@ -115,6 +119,34 @@ def test_help_shows_the_defaults_in_force_and_the_groups(capsys):
     assert (default_in_help(sanf, "n_flow_layers"), default_in_help(sanf, "dataset")) == ("4", "digits")
     assert "--cache, --no-cache" in sanf
     assert default_in_help(help_text(["--preset", "cflow_mvtec"], capsys), "backbone") == "wide_resnet50_2.tv_in1k"
+    assert default_in_help(help_text(["--preset", "cflow_mvtec"], capsys, "--help"), "backbone") == \
+        "wide_resnet50_2.tv_in1k"
+
+
+def flags_listed(text: str) -> set[str]:
+    """The --FIELD options a help text lists (each at the start of its line)."""
+    return set(re.findall(r"^  --(\w+)", text, flags=re.MULTILINE))
+
+
+@pytest.mark.parametrize("method", ["sanf", "cflow"])
+def test_help_lists_the_main_fields_in_80_lines_and_help_all_every_field(method, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")  # a pipe's width: python main.py --help | wc -l
+    short = help_output(["--method", method], capsys, "--help")
+    every = help_output(["--method", method], capsys, "--help-all")
+    fields = {f.name for f in dataclasses.fields(Config)}
+    assert len(short.splitlines()) <= 80 and max(len(line) for line in short.splitlines()) <= 80
+    assert flags_listed(short) - {"preset", "config", "help"} == set(config_module.HELP_FIELDS)
+    assert flags_listed(every) - {"preset", "config", "help"} == fields
+    assert "--help-all" in short and len(every.splitlines()) > 3 * len(short.splitlines())
+    assert parse_args(["--method", method, "--hidden", "8"]).hidden == 8  # a field --help leaves out still parses
+
+
+def test_every_help_text_is_short_and_tells_no_measurement(capsys):
+    """Help says what a field does; timings and training curves belong in BENCHMARKS.md."""
+    for f in dataclasses.fields(Config):
+        doc = f.metadata["doc"]
+        assert len(doc) <= 400 and "BENCHMARKS" not in doc and not re.search(r"\d\.\d+x\b|faster", doc), f.name
+    assert len(config_module.HELP_FIELDS) >= 20 and all(len(line) <= 60 for line in config_module.HELP_FIELDS.values())
 
 
 def test_config_file_round_trip(tmp_path):

@@ -263,8 +263,7 @@ def test_predict_on_cuda_without_a_gpu_says_so_before_reading_the_checkpoint(tmp
     assert result.returncode == 2 and "torch sees no CUDA device; use --device cpu" in result.stderr
 
 
-def test_a_run_with_other_settings_says_it_replaces_the_earlier_one_and_few_held_out_images_are_named(
-        tmp_path, capsys):
+def test_few_held_out_images_are_named(tmp_path, capsys):
     data = digits_folder(tmp_path / "digits", n_train=30, n_test=5)
     run(folder_config(data, tmp_path, "gaussian"))
     threshold_rule = json.loads((results_folder(folder_config(data, tmp_path, "gaussian")) / "results.json")
@@ -272,7 +271,3 @@ def test_a_run_with_other_settings_says_it_replaces_the_earlier_one_and_few_held
     assert "3 held-out normal training images" in threshold_rule
     assert "cannot show a false-positive rate" in threshold_rule
     assert "note: 'digits': 3 images cannot show" in capsys.readouterr().out
-    run(folder_config(data, tmp_path, "gaussian", gaussian_shrinkage=0.5))
-    assert "note: replacing the results and checkpoints" in capsys.readouterr().out
-    run(folder_config(data, tmp_path, "gaussian", gaussian_shrinkage=0.5))
-    assert "replacing" not in capsys.readouterr().out

@@ -14,7 +14,7 @@ from sklearn.covariance import LedoitWolf
 from config import make_config
 from conftest import kept_the_best_measurement, not_below_baseline
 from datasets import load_tasks
-from main import run
+from main import results_folder, run
 from model import DetectorError, GaussianDetector, SANFDetector, SANFModel, load_detector, normalise_tokens
 from train import ModuleWeights, TrainingError, keep_best_epoch, train_sanf
 
@@ -130,7 +130,8 @@ def test_non_finite_features_and_loss_stop_training(monkeypatch):
     semantic, patches = correlated_tokens(20)
     features = {"sem": semantic.float(), "patches": patches.float()}
     model = SANFModel(16, 3, n_layers=2, hidden=8, heads=2)
-    monkeypatch.setattr(model, "nll_per_dim", lambda sem, *_: torch.full((len(sem),), float("nan")))
+    nll_per_dim = model.nll_per_dim  # a NaN loss that still has a gradient, as a diverging flow's has
+    monkeypatch.setattr(model, "nll_per_dim", lambda *args: nll_per_dim(*args) * float("nan"))
     with pytest.raises(TrainingError, match="non-finite loss at epoch 1, batch 1 of 'toy'.*lower --lr"):
         train_sanf(model, features, None, config, "toy")
     features["sem"][3, 0] = float("inf")
@@ -220,7 +221,8 @@ def test_demo_end_to_end_writes_results_and_rescores_from_checkpoints(tmp_path):
     overrides = dict(classes="0,1,7", max_train_per_class=40, epochs=2, cache_dir=str(tmp_path / "cache"),
                      results_dir=str(tmp_path / "results"))
     payload = run(make_config("demo", **overrides))
-    folder = tmp_path / "results" / "digits-tf_efficientnet_lite0-sanf-caff"
+    folder = results_folder(make_config("demo", **overrides))
+    assert folder.name.startswith("digits-tf_efficientnet_lite0-sanf-caff-")
     stored = json.loads((folder / "results.json").read_text())
     assert stored["complete"] and list(stored["per_class"]) == ["0", "1", "7"]
     assert stored["config"]["epochs"] == 2 and "test set" in stored["selection"]
