@@ -1,5 +1,6 @@
 """Datasets and protocols: counts, labels, subsets, folder layouts and their errors."""
 
+import csv
 import os
 import re
 from pathlib import Path
@@ -276,7 +277,14 @@ def test_magnetic_tile_real_copy(magnetic_tile_root, capsys):
     root = magnetic_tile_root.resolve()
     task = mvtec_tasks(root.parent, [root.name])[0]
     assert "is not one of MVTec AD's 15 categories" in capsys.readouterr().out
-    assert len(task.train) == 752 and len(task.test) == 592 and int(task.test_labels.sum()) == 392
+    # the published split (DifferNet's mtd_train_filenames.txt, reused by CS-Flow and PatchCore): 761 defect-free
+    # training tiles; the other 191 defect-free and all 392 defective tiles are the test set
+    assert len(task.train) == 761 and len(task.test) == 583 and int(task.test_labels.sum()) == 392
+    split = root / "split.csv"
+    if split.is_file():  # the copy's own list of the published training stems
+        with open(split) as handle:
+            listed = {row["stem"] for row in csv.DictReader(handle) if row["split"] == "train"}
+        assert {Path(task.train.source(i)).stem for i in range(len(task.train))} == listed
     assert all((m is None) == (label == 0) for m, label in zip(task.test_masks, task.test_labels))
     assert task.test.source(0).startswith(str(root)) and os.path.isfile(task.test.source(0))
     folder = load_tasks(make_config("demo", dataset="folder", data_root=str(magnetic_tile_root)))[0]
