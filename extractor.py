@@ -712,7 +712,7 @@ def extract_unit(extractor: FeatureExtractor, images: ImageList, stem: Path, con
                                                           config.view_set, views).items()}
     shapes = {name: [len(images), *value.shape] for name, value in probe.items()}
     progress = _resumable(stem, progress_path, expected, shapes)
-    try:
+    with _disk_full_is_a_cache_error(stem, "the images extracted so far resume on the next run"):
         if progress is None:
             remove_unit(stem)
             _check_disk(stem.parent, sum(int(np.prod(s)) * 2 for s in shapes.values()))
@@ -721,12 +721,19 @@ def extract_unit(extractor: FeatureExtractor, images: ImageList, stem: Path, con
                   for name in shapes}
         _extract_rows(extractor, images, arrays, progress, progress_path, config, desc, views)
         _commit(stem, progress, progress_path)
+    return read_unit(stem, expected)
+
+
+@contextmanager
+def _disk_full_is_a_cache_error(stem: Path, what_stays: str) -> Iterator[None]:
+    """A full disk (or quota) while writing the unit ``stem`` → a CacheError that names the fix."""
+    try:
+        yield
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         raise CacheError(f"no space left for the feature cache in {stem.parent}: free disk space there or pass "
-                         "--cache_dir on a larger disk (the images extracted so far resume on the next run)") from None
-    return read_unit(stem, expected)
+                         f"--cache_dir on a larger disk ({what_stays})") from None
 
 
 def cached_features(extractor: FeatureExtractor, images: ImageList, key: str, config: Config,
@@ -825,25 +832,19 @@ def join_parts(stem: Path, expected: dict, parts: list[tuple[Path, dict]]) -> No
         pieces.append(arrays)
     shapes = {name: [sum(len(piece[name]) for piece in pieces), *array.shape[1:]] for name, array in pieces[0].items()}
     progress_path = _unit_file(stem, "progress.json")
-    with unit_lock(stem):
-        try:
-            remove_unit(stem)
-            _check_disk(stem.parent, sum(int(np.prod(shape)) * 2 for shape in shapes.values()))
-            progress = _new_arrays(stem, progress_path, expected, shapes)
-            arrays = {name: np.lib.format.open_memmap(_array_file(stem, name, progress["id"]), mode="r+")
-                      for name in shapes}
-            for piece in pieces:
-                count = len(next(iter(piece.values())))
-                for name, rows in piece.items():
-                    arrays[name][progress["done"]:progress["done"] + count] = rows
-                progress["done"] += count
-            _save_progress(arrays, progress_path, progress)
-            _commit(stem, progress, progress_path)
-        except OSError as error:
-            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            raise CacheError(f"no space left for the feature cache in {stem.parent}: free disk space there or pass "
-                             "--cache_dir on a larger disk (the ranks' parts stay for the next run)") from None
+    with unit_lock(stem), _disk_full_is_a_cache_error(stem, "the ranks' parts stay for the next run"):
+        remove_unit(stem)
+        _check_disk(stem.parent, sum(int(np.prod(shape)) * 2 for shape in shapes.values()))
+        progress = _new_arrays(stem, progress_path, expected, shapes)
+        arrays = {name: np.lib.format.open_memmap(_array_file(stem, name, progress["id"]), mode="r+")
+                  for name in shapes}
+        for piece in pieces:
+            count = len(next(iter(piece.values())))
+            for name, rows in piece.items():
+                arrays[name][progress["done"]:progress["done"] + count] = rows
+            progress["done"] += count
+        _save_progress(arrays, progress_path, progress)
+        _commit(stem, progress, progress_path)
     remove_parts(stem)
 
 

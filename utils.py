@@ -210,6 +210,17 @@ def shrunk_covariance(features: Tensor, shrinkage: float = 0.0) -> tuple[Tensor,
     return mean, estimator.covariance_, float(estimator.shrinkage_)
 
 
+def pop_option(argv: list[str], name: str, default: str | None = None) -> str | None:
+    """Take ``name VALUE`` out of ``argv`` (a bench script's own flag, before the rest goes to
+    ``config.parse_args``); VALUE, else ``default``."""
+    if name not in argv:
+        return default
+    position = argv.index(name)
+    value = argv.pop(position + 1)
+    argv.pop(position)
+    return value
+
+
 def run_cli(main: Callable[[], None], expected_errors: tuple[type[BaseException], ...]) -> None:
     """Run a script's main; expected errors end with one line on stderr and exit code 2."""
     try:

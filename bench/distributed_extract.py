@@ -30,17 +30,8 @@ from config import parse_args  # noqa: E402
 from datasets import load_tasks  # noqa: E402
 from distributed import session  # noqa: E402
 from extractor import FeatureExtractor, extract_tasks  # noqa: E402
-from utils import configure_torch  # noqa: E402
+from utils import configure_torch, pop_option  # noqa: E402
 
-
-def pop_flag(argv: list[str], name: str) -> str | None:
-    """Take ``--name VALUE`` out of ``argv`` (extractor.py's parser does not know it); VALUE, else None."""
-    if name not in argv:
-        return None
-    position = argv.index(name)
-    value = argv.pop(position + 1)
-    argv.pop(position)
-    return value
 
 
 def worker(argv: list[str], out: Path) -> None:
@@ -93,11 +84,11 @@ def cache_arrays(cache: Path) -> dict[str, bytes]:
 
 def main() -> None:
     argv = sys.argv[1:]
-    out = pop_flag(argv, "--bench_worker")
+    out = pop_option(argv, "--bench_worker")
     if out is not None:
         worker(argv, Path(out))
         return
-    processes = int(pop_flag(argv, "--bench_processes") or 2)
+    processes = int(pop_option(argv, "--bench_processes") or 2)
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0]
     ways = [(1, cores), (1, 1), (processes, max(1, cores // processes))]

@@ -32,6 +32,7 @@ from extractor import FeatureExtractor, cached_features  # noqa: E402
 from datasets import held_out_split  # noqa: E402
 from metrics import image_auroc  # noqa: E402
 from model import build_detector  # noqa: E402
+from utils import pop_option  # noqa: E402
 
 
 def fit_and_score(config: Config, train: dict[str, torch.Tensor], test: dict[str, torch.Tensor]) -> np.ndarray:
@@ -66,20 +67,11 @@ def validation_auroc(config: Config, features: dict[str, dict[str, torch.Tensor]
     return aurocs
 
 
-def take_option(argv: list[str], name: str, default: str) -> str:
-    """Remove ``name value`` from ``argv`` and return the value (the rest goes to config.parse_args)."""
-    if name not in argv:
-        return default
-    position = argv.index(name)
-    value = argv.pop(position + 1)
-    argv.pop(position)
-    return value
-
 
 def main() -> None:
     argv = sys.argv[1:]
-    grid_text = take_option(argv, "--grid", "[{}]")
-    normal_classes = [n for n in take_option(argv, "--normal_classes", "").split(",") if n]
+    grid_text = pop_option(argv, "--grid", "[{}]")
+    normal_classes = [n for n in pop_option(argv, "--normal_classes", "").split(",") if n]
     base = parse_args(argv)
     tasks = load_tasks(base)
     extractor = FeatureExtractor(base)
