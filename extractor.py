@@ -30,7 +30,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import glob
-import hashlib
 import importlib
 import json
 import os
@@ -54,7 +53,7 @@ from tqdm import tqdm
 from config import Config, ConfigError, check_scoring_stages, describe, parse_args
 from datasets import DataError, ImageList, Task, dataset_identity, load_tasks
 from distributed import DistributedError, Ranks, session
-from utils import atomic_write_json, configure_torch, fsync_path, run_cli, to_numpy
+from utils import atomic_write_json, configure_torch, file_sha256, fsync_path, run_cli, to_numpy
 from views import views_of
 
 # 2: arrays named by extraction id, JSON with file names and byte sizes; 3: a ViT's CFLOW stages stored as maps
@@ -75,14 +74,6 @@ class StaleCacheError(CacheError):
 
 
 # ----------------------------------------------------------------------------- weights
-
-
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def packaged_weights_file(backbone: str) -> str | None:
@@ -220,7 +211,7 @@ def build_backbone(backbone: str, weights: str) -> tuple[nn.Module, str]:
             if weights != "none":
                 path = packaged_weights_file(backbone) if weights == "default" else os.path.expanduser(weights)
                 model.load_state_dict(_matched_state_dict(_read_state_dict(path), model, path, backbone), strict=True)
-                source = f"file:{os.path.basename(path)}:sha256:{_file_sha256(path)[:16]}"
+                source = f"file:{os.path.basename(path)}:sha256:{file_sha256(path)[:16]}"
     except RuntimeError as error:
         if isinstance(error, WeightsError):
             raise
@@ -742,16 +733,22 @@ def cached_features(extractor: FeatureExtractor, images: ImageList, key: str, co
     (holding the unit's lock) where missing, incomplete, or stale with ``refresh_cache``."""
     stem = cache_folder(config, extractor.layers) / unit_key(key, config, views)
     expected = unit_metadata(extractor, config, images, views)
-    try:
-        arrays = read_unit(stem, expected)
-    except StaleCacheError:
-        if not config.refresh_cache:
-            raise
-        arrays = None
+    arrays = read_unit_unless_refreshed(stem, expected, config)
     if arrays is None:
         with unit_lock(stem):
             arrays = extract_unit(extractor, images, stem, config, desc or key, views)
     return arrays
+
+
+def read_unit_unless_refreshed(stem: Path, expected: dict, config: Config) -> dict[str, np.ndarray] | None:
+    """:func:`read_unit`, except that a stale unit reads as none with ``refresh_cache`` (it is rebuilt) and stops
+    with StaleCacheError without it."""
+    try:
+        return read_unit(stem, expected)
+    except StaleCacheError:
+        if not config.refresh_cache:
+            raise
+        return None
 
 
 def task_features(extractor: FeatureExtractor, task: Task, config: Config) -> tuple[dict, dict]:
@@ -787,12 +784,7 @@ def extract_shared(extractor: FeatureExtractor, images: ImageList, key: str, con
     joins the parts (:func:`join_parts`)."""
     stem = cache_folder(config, extractor.layers) / unit_key(key, config, views)
     expected = unit_metadata(extractor, config, images, views)
-    try:
-        complete = read_unit(stem, expected) is not None
-    except StaleCacheError:
-        if not config.refresh_cache:
-            raise
-        complete = False
+    complete = read_unit_unless_refreshed(stem, expected, config) is not None
     seen = ranks.gather(f"unit {stem.name}", "complete" if complete else "missing")
     if len(set(seen)) > 1:
         raise CacheError(f"cache unit {stem} is complete for rank(s) "

@@ -49,7 +49,7 @@ from model import (TRAINING_FIELDS, Detector, DetectorError, StageFeatures, buil
 from report import (MAP_NORM_NOTES, method_label, save_histogram, save_map_figure, save_training_curve,
                     write_results, write_scores_csv)
 from train import TrainingError
-from utils import atomic_write_bytes, configure_torch, run_cli
+from utils import atomic_write_bytes, configure_torch, file_sha256, run_cli
 
 SplitFeatures = tuple[Any, Any, Any]
 """(fit, held-out, test) features of one task, in the form its detector takes."""
@@ -390,7 +390,7 @@ def run_or_reuse(config: Config, local: Config, task: Task, extractor: FeatureEx
     path.unlink(missing_ok=True)
     step = time.perf_counter()
     metrics, scores = run_task(local, task, extractor, folder, out, shared_test)
-    record = {"config": config.to_dict(), "checkpoint_sha256": _sha256(checkpoint), "metrics": metrics,
+    record = {"config": config.to_dict(), "checkpoint_sha256": file_sha256(checkpoint), "metrics": metrics,
               "scores": [float(score) for score in scores], "seconds": time.perf_counter() - step}
     atomic_write_bytes(path, json.dumps(record, indent=1, allow_nan=True).encode())
 
@@ -408,15 +408,10 @@ def reusable_record(path: Path, config: Config, checkpoint: Path) -> dict[str, A
     if not isinstance(record, dict) or record.get("config") != config.to_dict():
         print(f"note: task record {path} was made with other settings; the task is run again")
         return None
-    if not checkpoint.is_file() or _sha256(checkpoint) != record.get("checkpoint_sha256"):
+    if not checkpoint.is_file() or file_sha256(checkpoint) != record.get("checkpoint_sha256"):
         print(f"note: checkpoint {checkpoint} is not the one task record {path} was made with; the task is run again")
         return None
     return record
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def main(argv: list[str] | None = None) -> None:

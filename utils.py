@@ -4,6 +4,7 @@ error boundary."""
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import math
 import os
@@ -182,6 +183,12 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, hex (read in blocks)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def to_numpy(tensor: Tensor) -> np.ndarray:
