@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
-METHODS = ("sanf", "cflow", "knn", "gaussian")
+METHODS = ("sanf", "cflow", "sanf_cflow", "knn", "gaussian")
 DATASETS = ("digits", "cifar10", "cifar100", "stl10", "fmnist", "mnist", "catsvsdogs", "mvtec", "folder")
 GROUPS = {  # field group -> --help section title
     "data": "data (method, dataset, images)",
@@ -36,7 +36,7 @@ GROUPS = {  # field group -> --help section title
 }
 PRESET_GROUPS = ("data", "features")  # the only groups a preset may set
 HELP_FIELDS: dict[str, str] = {  # field -> its line in --help; --help-all shows every field's full text
-    "method": "sanf, cflow, or the knn / gaussian baselines",
+    "method": "sanf, cflow, sanf_cflow (both heads), knn / gaussian",
     "dataset": "dataset and its protocol",
     "data_root": "dataset folder (empty: env ANOMALY_DATA_ROOT)",
     "classes": "normal classes, each in turn: all or a comma list",
@@ -74,7 +74,10 @@ class Config:
 
     # data
     method: str = _opt("data", "sanf", "sanf: flow over the semantic token with CAFF; cflow: multi-scale conditional "
-                       "flows with anomaly maps; knn / gaussian: baselines", METHODS)
+                       "flows with anomaly maps; sanf_cflow: both as heads on one backbone pass, CFLOW's maps and "
+                       "the larger of the heads' z scores on held-out normal images (a training field at its default "
+                       "takes each head's method default, another value applies to both heads); knn / gaussian: "
+                       "baselines", METHODS)
     dataset: str = _opt("data", "cifar10", "dataset and protocol (datasets.py)", DATASETS)
     data_root: str = _opt("data", "", "dataset folder; env ANOMALY_DATA_ROOT when empty (not needed for digits)")
     classes: str = _opt("data", "all", "normal classes, each in turn: 'all' or a comma list of class / category "
@@ -231,6 +234,14 @@ class Config:
             return []
         return [name.strip() for name in self.layers.split(",") if name.strip()]
 
+    def uses_stages(self) -> bool:
+        """Whether the method reads CFLOW's stage maps (``layers``): cflow and sanf_cflow."""
+        return self.method in ("cflow", "sanf_cflow")
+
+    def uses_tokens(self) -> bool:
+        """Whether the method reads the semantic and texture tokens: every method but cflow."""
+        return self.method != "cflow"
+
     def scale_list(self) -> tuple[float, ...]:
         """The image scales of the semantic token, as numbers (ValueError when one is not a number)."""
         return tuple(float(part) for part in self.scales.split(",") if part.strip())
@@ -262,6 +273,8 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "cflow": dict(n_flow_layers=8, clamp=1.9, condition_dims=128, fiber_batch=256, lr=2e-4, beta1=0.9, beta2=0.999,
                   adam_eps=1e-8, weight_decay=0.0, batch_size=32, epochs=10, grad_clip=0.0, permute_soft=False,
                   patience=2),
+    # the two heads' own (head_config)
+    "sanf_cflow": {},
     "knn": {},
     "gaussian": {},
 }
@@ -348,6 +361,14 @@ def _build(values: dict[str, Any]) -> Config:
     return config
 
 
+def head_config(config: Config, head: str) -> Config:
+    """The settings of one head (``sanf`` or ``cflow``) of ``--method sanf_cflow``: the run's, as ``--method
+    head``, with the head method's training default for every field that method owns and the run left at the
+    field's default (so CFLOW's head trains at CFLOW's lr and SANF's at SANF's; ``--epochs 5`` applies to both)."""
+    owned = {name: value for name, value in METHOD_DEFAULTS[head].items() if getattr(config, name) == _DEFAULTS[name]}
+    return replace(config, method=head, **owned)
+
+
 def make_config(preset: str = "demo", **overrides: Any) -> Config:
     """A preset with overrides applied (the top layer); raises ConfigError naming the valid presets / fields."""
     return _build(_resolve(preset, overrides))
@@ -389,12 +410,12 @@ def validate(config: Config) -> None:
     if not config.rotate_degrees <= 180:
         raise ConfigError(f"rotate_degrees must lie in [0, 180], got {config.rotate_degrees}")
     on_cpu = config.device.split(":")[0] == "cpu"
-    if config.stage_workers > 1 and (config.method != "cflow" or not config.cache or not on_cpu):
+    if config.stage_workers > 1 and (not config.uses_stages() or not config.cache or not on_cpu):
         raise ConfigError("--stage_workers > 1 trains CFLOW's decoders in CPU processes over cached features: use it "
-                          "with --method cflow, --cache and --device cpu, or drop it")
-    if config.method == "cflow" and not config.layer_list() and not config.layers_auto():
-        raise ConfigError("method=cflow needs --layers: backbone module names, comma-separated, or auto")
-    if config.method == "cflow" and config.layer_list():  # --layers auto: checked once the extractor resolves it
+                          "with --method cflow (or sanf_cflow), --cache and --device cpu, or drop it")
+    if config.uses_stages() and not config.layer_list() and not config.layers_auto():
+        raise ConfigError(f"method={config.method} needs --layers: backbone module names, comma-separated, or auto")
+    if config.uses_stages() and config.layer_list():  # --layers auto: checked once the extractor resolves it
         check_scoring_stages(config.scoring, config.layer_list())
     else:
         check_scoring_stages(config.scoring, None)

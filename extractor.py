@@ -10,6 +10,7 @@ Features per image:
   (G*G, C), the texture tokens (``texture_layers``: a ViT's patch tokens, D = C, or a CNN's texture
   stage, C channels) average-pooled to a ``patch_grid`` x ``patch_grid`` grid.
 - ``method`` cflow: one map (C, H, W) per stage named in ``layers``.
+- ``method`` sanf_cflow: both, from one backbone pass.
 
 With ``--scales`` the semantic token is the concatenation of the tokens of the image at each scale
 (the pixels resized with antialiasing before the backbone). With views (``views.py``) a unit stores
@@ -272,22 +273,22 @@ def cflow_layer_names(config: Config, backbone: nn.Module, is_vit: bool) -> list
 class _FeatureHead(nn.Module):
     """Backbone forward → a tuple of feature tensors, in the order of ``names``.
 
-    CFLOW (``layers``): the named stages' maps (a ViT block's patch tokens laid out as a map). SANF and
-    the baselines: the semantic token (a ViT's class token, or a CNN's global average of the last stage)
-    and the texture tokens: the maps of ``texture_layers`` (or the final map when empty) average-pooled
-    to ``patch_grid`` x ``patch_grid`` and concatenated along channels. Stage outputs are captured with
-    forward hooks that live on this module only (no globals).
+    With ``tokens``, SANF and the baselines' features: the semantic token (a ViT's class token, or a CNN's
+    global average of the last stage) and the texture tokens: the maps of ``texture_layers`` (or the final map
+    when empty) average-pooled to ``patch_grid`` x ``patch_grid`` and concatenated along channels. Then
+    CFLOW's: the maps of the ``layers`` stages (a ViT block's patch tokens laid out as a map), from the same
+    forward pass. Stage outputs are captured with forward hooks that live on this module only (no globals).
     """
 
     def __init__(self, backbone: nn.Module, is_vit: bool, layers: list[str], patch_grid: int, backbone_name: str,
-                 texture_layers: list[str] | None = None):
+                 texture_layers: list[str] | None = None, tokens: bool = True):
         super().__init__()
         self.backbone, self.is_vit, self.layers, self.patch_grid = backbone, is_vit, layers, patch_grid
-        self.texture_layers = list(texture_layers or [])
-        self.names = tuple(layers) if layers else ("sem", "patches")
+        self.texture_layers, self.tokens = list(texture_layers or []), tokens
+        self.names = (("sem", "patches") if tokens else ()) + tuple(layers)
         self._stage_outputs: dict[str, Tensor] = {}
         modules = dict(backbone.named_modules())
-        for name in layers or self.texture_layers:
+        for name in dict.fromkeys([*layers, *self.texture_layers]):
             if name not in modules:
                 stages = [n for n in modules if n and n.count(".") <= 1][:40]
                 raise ConfigError(f"backbone {backbone_name} has no module {name!r}; e.g.: {', '.join(stages)}")
@@ -309,9 +310,9 @@ class _FeatureHead(nn.Module):
 
     def forward(self, pixels: Tensor) -> tuple[Tensor, ...]:
         self._stage_outputs = {}
-        if self.layers:
+        if not self.tokens:
             self.backbone.forward_features(pixels)
-            return tuple(self._as_map(self._stage_outputs[name]) for name in self.layers)
+            return self._stage_maps()
         if self.is_vit:
             tokens = self.backbone.forward_features(pixels)  # final LayerNorm applied
             final_map, semantic = self._as_map(tokens), tokens[:, 0]
@@ -320,7 +321,10 @@ class _FeatureHead(nn.Module):
             semantic = final_map.mean(dim=(2, 3))
         maps = [self._as_map(self._stage_outputs[name]) for name in self.texture_layers] or [final_map]
         pooled = torch.cat([F.adaptive_avg_pool2d(feature_map, self.patch_grid) for feature_map in maps], dim=1)
-        return semantic, pooled.flatten(2).transpose(1, 2)
+        return semantic, pooled.flatten(2).transpose(1, 2), *self._stage_maps()
+
+    def _stage_maps(self) -> tuple[Tensor, ...]:
+        return tuple(self._as_map(self._stage_outputs[name]) for name in self.layers)
 
 
 def _check_patch_multiple(img_size: int, patch: int, backbone: str) -> None:
@@ -346,11 +350,11 @@ class FeatureExtractor(nn.Module):
         backbone, self.weights_source = build_backbone(config.backbone, config.weights)
         self.is_vit = _is_vision_transformer(config.backbone)
         self.layers = []
-        if config.method == "cflow":
+        if config.uses_stages():
             self.layers = cflow_layer_names(config, backbone, self.is_vit)
             check_scoring_stages(config.scoring, self.layers, resolved_from_auto=config.layers_auto())
-        self.scale_sizes = [config.img_size] if self.layers else [round(config.img_size * s) for s in
-                                                                  config.scale_list()]
+        self.scale_sizes = [round(config.img_size * s) for s in config.scale_list()] if config.uses_tokens() else [
+            config.img_size]
         if self.is_vit:
             for size in self.scale_sizes:
                 _check_patch_multiple(size, backbone.patch_embed.patch_size[0], config.backbone)
@@ -359,10 +363,10 @@ class FeatureExtractor(nn.Module):
         # the backbone's own normalisation (Lite0: mean = std = 0.5; timm ViTs / ResNets: ImageNet)
         self.register_buffer("mean", torch.tensor(data_config["mean"], device=self.device).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(data_config["std"], device=self.device).view(1, 3, 1, 1) * 255)
-        self.texture_layers = [] if self.layers else texture_layer_names(config.texture_layers, backbone, self.is_vit,
-                                                                         config.backbone)
+        self.texture_layers = texture_layer_names(config.texture_layers, backbone, self.is_vit,
+                                                  config.backbone) if config.uses_tokens() else []
         self.head = _FeatureHead(backbone, self.is_vit, self.layers, config.patch_grid, config.backbone,
-                                 self.texture_layers)
+                                 self.texture_layers, tokens=config.uses_tokens())
         self.names = self.head.names
         self.head.to(self.device)
         self.compute = {size: self.head if self.is_vit else self._frozen_graph(size) for size in self.scale_sizes}
@@ -386,8 +390,8 @@ class FeatureExtractor(nn.Module):
         """Named features, float32 holding float16 values: the numbers the cache stores, so that an image
         scores the same whether its features were cached, computed on the fly or computed by predict.py.
 
-        With several scales the semantic token is the concatenation of each scale's (scale 1 first) and
-        the texture tokens are scale 1's."""
+        With several scales the semantic token is the concatenation of each scale's (scale 1 first); the
+        texture tokens and the stage maps are scale 1's."""
         pixels = self.normalise(images)
         size = pixels.shape[-1]
         outputs = self.compute[size](pixels)
@@ -469,17 +473,23 @@ def cache_folder(config: Config, layers: list[str] | None = None) -> Path:
     weights file's hash, the image list and the shapes are checked per unit inside. ``layers``: CFLOW's stages
     as the extractor resolved them, so that ``--layers auto`` shares the folder of the same names given."""
     weights_tag = "default" if config.weights == "default" else Path(config.weights).stem or config.weights
-    if config.method == "cflow":
+    parts = []
+    if config.uses_tokens():
+        parts.append(f"g{config.patch_grid}-t{config.texture_layers.replace(',', '+')}")
+        if config.scale_list() != (1.0,):
+            parts.append("s" + "+".join(f"{scale:g}" for scale in config.scale_list()))
+    if config.uses_stages():
         stages = layers or config.layer_list()
         if not stages:
             raise ValueError("cache_folder needs the stages that --layers auto resolved to (FeatureExtractor.layers)")
-        what = "+".join(stages)
-    else:
-        what = f"g{config.patch_grid}-t{config.texture_layers.replace(',', '+')}"
-    if config.method != "cflow" and config.scale_list() != (1.0,):
-        what += "-s" + "+".join(f"{scale:g}" for scale in config.scale_list())
+        parts.append("+".join(stages))
+    what = "-".join(parts)
     name = f"{config.backbone}-{weights_tag}-{config.img_size}px-{what}".replace("/", "_")
     return Path(config.cache_dir) / dataset_identity(config) / name
+
+
+UNIT_KINDS = {(True, False): "tokens", (False, True): "stages", (True, True): "tokens+stages"}
+"""What a cache unit holds, by (tokens, stage maps)."""
 
 
 def unit_metadata(extractor: FeatureExtractor, config: Config, images: ImageList, views: int = 1) -> dict:
@@ -488,9 +498,9 @@ def unit_metadata(extractor: FeatureExtractor, config: Config, images: ImageList
     scales = extractor.scale_sizes if len(extractor.scale_sizes) > 1 else None
     return {
         "format": CACHE_FORMAT, "backbone": config.backbone, "weights": extractor.weights_source,
-        "img_size": config.img_size, "kind": "stages" if config.method == "cflow" else "tokens",
-        "patch_grid": None if config.method == "cflow" else config.patch_grid,
-        "texture_layers": None if config.method == "cflow" else extractor.texture_layers,
+        "img_size": config.img_size, "kind": UNIT_KINDS[config.uses_tokens(), config.uses_stages()],
+        "patch_grid": config.patch_grid if config.uses_tokens() else None,
+        "texture_layers": extractor.texture_layers if config.uses_tokens() else None,
         "layers": extractor.layers, "count": len(images), "images": images.fingerprint(),
         "views": [config.view_set, views] if views > 1 else None, "scales": scales,
     }

@@ -44,9 +44,9 @@ from datasets import DataError, Task, dataset_identity, held_out_split, load_mas
 from distributed import DistributedError, Ranks, session
 from extractor import CacheError, FeatureExtractor, WeightsError, extract_tasks, task_features
 from metrics import detection_and_localization, per_defect_type
-from model import (TRAINING_FIELDS, Detector, DetectorError, StageFeatures, build_detector, load_detector,
-                   settings_differences)
-from report import (MAP_NORM_NOTES, method_label, save_histogram, save_map_figure, save_training_curve,
+from model import (TOKEN_NAMES, TRAINING_FIELDS, BothFeatures, Detector, DetectorError, StageFeatures, build_detector,
+                   load_detector, settings_differences)
+from report import (MAP_NORM_NOTES, ScoreRow, method_label, save_histogram, save_map_figure, save_training_curve,
                     write_results, write_scores_csv)
 from train import TrainingError
 from utils import atomic_write_bytes, configure_torch, file_sha256, run_cli
@@ -64,7 +64,7 @@ results.json or scores.csv beyond float rounding: runs that differ only in them 
 
 def _readable_name(config: Config) -> str:
     name = f"{dataset_identity(config)}-{config.backbone}-{config.method}"
-    return (name + f"-{config.fusion}" if config.method == "sanf" else name).replace("/", "_")
+    return (name + f"-{config.fusion}" if config.method in ("sanf", "sanf_cflow") else name).replace("/", "_")
 
 
 def result_settings(config: Config) -> dict[str, Any]:
@@ -109,10 +109,12 @@ def _as_tensors(arrays: dict[str, np.ndarray], index: np.ndarray | None = None, 
 
 
 def token_features(config: Config, task: Task, extractor: FeatureExtractor, fit_index: np.ndarray,
-                   held_index: np.ndarray, shared_test: dict[str, dict[str, Tensor]]) -> SplitFeatures:
+                   held_index: np.ndarray, shared_test: dict[str, dict[str, Tensor]],
+                   arrays: tuple[dict, dict] | None = None) -> SplitFeatures:
     """SANF / baseline features. ``shared_test`` keeps the last test split as tensors: the classes of a
-    one-class protocol share it, so it is converted once per run, not once per class."""
-    train, test = task_features(extractor, task, config)
+    one-class protocol share it, so it is converted once per run, not once per class. ``arrays``: the cached
+    (train, test) token arrays, where the caller has read them."""
+    train, test = arrays or task_features(extractor, task, config)
     if task.test_key not in shared_test:
         shared_test.clear()
         shared_test[task.test_key] = _as_tensors(test, None, config.cached_views("test"), config.test_views)
@@ -122,8 +124,9 @@ def token_features(config: Config, task: Task, extractor: FeatureExtractor, fit_
 
 
 def stage_features(config: Config, task: Task, extractor: FeatureExtractor, fit_index: np.ndarray,
-                   held_index: np.ndarray) -> SplitFeatures:
-    """CFLOW features: from the cache (extracting what it lacks) or, with ``--no-cache``, on the fly."""
+                   held_index: np.ndarray, arrays: tuple[dict, dict] | None = None) -> SplitFeatures:
+    """CFLOW features: from the cache (extracting what it lacks; ``arrays``: the cached (train, test) stage
+    arrays, where the caller has read them) or, with ``--no-cache``, on the fly."""
     if not config.cache:
         def on_the_fly(index: np.ndarray, rotate_degrees: float = 0.0) -> StageFeatures:
             return StageFeatures(images=task.train.subset(index), extractor=extractor, config=config,
@@ -132,7 +135,7 @@ def stage_features(config: Config, task: Task, extractor: FeatureExtractor, fit_
         held = on_the_fly(held_index) if len(held_index) else None
         return (on_the_fly(fit_index, config.rotate_degrees), held,
                 StageFeatures(images=task.test, extractor=extractor, config=config))
-    train, test = task_features(extractor, task, config)
+    train, test = arrays or task_features(extractor, task, config)
     stored, views = config.cached_views("train"), config.test_views
     held = StageFeatures.from_arrays(view_rows(train, held_index, stored, views, flatten=True), config.device,
                                      views) if len(held_index) else None
@@ -140,6 +143,22 @@ def stage_features(config: Config, task: Task, extractor: FeatureExtractor, fit_
     test_rows = view_rows(test, None, config.cached_views("test"), views, flatten=True)
     return (StageFeatures.from_arrays(fit, config.device), held,
             StageFeatures.from_arrays(test_rows, config.device, views))
+
+
+def both_features(config: Config, task: Task, extractor: FeatureExtractor, fit_index: np.ndarray,
+                  held_index: np.ndarray, shared_test: dict[str, dict[str, Tensor]]) -> SplitFeatures:
+    """``sanf_cflow`` features: each split's tokens and stage maps, from the one cache unit that a single
+    backbone pass per image filled."""
+    train, test = task_features(extractor, task, config)
+
+    def named(arrays: dict, names: tuple[str, ...]) -> dict:
+        return {name: arrays[name] for name in names}
+
+    tokens = token_features(config, task, extractor, fit_index, held_index, shared_test,
+                            (named(train, TOKEN_NAMES), named(test, TOKEN_NAMES)))
+    layers = tuple(extractor.layers)
+    stages = stage_features(config, task, extractor, fit_index, held_index, (named(train, layers), named(test, layers)))
+    return tuple(None if token is None else BothFeatures(token, stage) for token, stage in zip(tokens, stages))
 
 
 def load_test_masks(task: Task, size: int) -> np.ndarray | None:
@@ -197,19 +216,21 @@ def write_maps(folder: Path, task: Task, maps: np.ndarray) -> None:
 
 
 def run_task(config: Config, task: Task, extractor: FeatureExtractor, folder: Path, out: Path,
-             shared_test: dict[str, dict[str, Tensor]]) -> tuple[dict[str, Any], np.ndarray]:
+             shared_test: dict[str, dict[str, Tensor]]) -> tuple[dict[str, Any], np.ndarray, dict[str, np.ndarray]]:
     """Fit (or load) one task's detector (``folder/checkpoints``), score its test split, write its figures
-    (under ``out``); returns metrics and scores."""
+    (under ``out``); returns metrics, scores and each head's scores (sanf_cflow; else empty)."""
     started = time.perf_counter()
     fit_index, held_index = held_out_split(len(task.train), config.val_fraction, config.seed)
     if config.method == "cflow":
         features = stage_features(config, task, extractor, fit_index, held_index)
+    elif config.method == "sanf_cflow":
+        features = both_features(config, task, extractor, fit_index, held_index, shared_test)
     else:
         features = token_features(config, task, extractor, fit_index, held_index, shared_test)
     feature_seconds = time.perf_counter() - started
     detector = fit_or_load(config, task, extractor, features, held_index, folder / "checkpoints" / f"{task.name}.pt")
     started = time.perf_counter()
-    scores, maps = detector.score(features[2])
+    scores, maps, head_scores = detector.score_by_head(features[2])
     score_seconds = time.perf_counter() - started
     masks = load_test_masks(task, config.img_size) if maps is not None else None
     metrics = {**evaluate(task.test_labels, scores, masks, maps, defect_types_of(task)), **detector.info,
@@ -217,9 +238,13 @@ def run_task(config: Config, task: Task, extractor: FeatureExtractor, folder: Pa
                "test_flagged_fraction": float(detector.flagged(scores).mean()),
                "feature_seconds": feature_seconds, "score_seconds": score_seconds,
                "n_fit": len(fit_index), "n_held_out": len(held_index), "n_test": len(task.test)}
+    for head, values in head_scores.items():  # each head's own image AUROC beside the combined one
+        auroc = evaluate(task.test_labels, values, None, None).get("image_auroc")
+        if auroc is not None:
+            metrics[f"{head}_image_auroc"] = auroc
     _write_figures(config, task, detector, scores, maps, masks, metrics, out)
     print(_task_line(task.name, metrics))
-    return metrics, scores
+    return metrics, scores, head_scores
 
 
 def _write_figures(config: Config, task: Task, detector: Detector, scores: np.ndarray, maps: np.ndarray | None,
@@ -227,9 +252,11 @@ def _write_figures(config: Config, task: Task, detector: Detector, scores: np.nd
     auroc = metrics.get("image_auroc")
     label = f"{task.name}: {method_label(config)}" + (f", AUROC {auroc:.3f}" if auroc is not None else "")
     save_histogram(scores, task.test_labels, label, folder / "figures" / f"scores_{task.name}.png")
-    if "curve" in detector.info and any("held_out_nll" in r for r in detector.info["curve"]):
-        save_training_curve(detector.info["curve"], detector.info["kept_epoch"], f"{task.name}: held-out NLL",
-                            folder / "figures" / f"training_{task.name}.png")
+    trained = {"": detector.info, **{f"_{head}": info for head, info in detector.info.get("heads", {}).items()}}
+    for suffix, info in trained.items():
+        if "curve" in info and any("held_out_nll" in row for row in info["curve"]):
+            save_training_curve(info["curve"], info["kept_epoch"], f"{task.name}{suffix.replace('_', ' ')}: held-out NLL",
+                                folder / "figures" / f"training_{task.name}{suffix}.png")
     if maps is not None:
         save_map_figure(task, scores, maps, masks, config, folder / "figures" / f"maps_{task.name}.png")
         if config.save_maps:
@@ -241,6 +268,9 @@ def _task_line(name: str, metrics: dict[str, Any]) -> str:
              (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO@0.3"))
              if key in metrics]
     parts.append(f"kept epoch {metrics['kept_epoch']}" if "kept_epoch" in metrics else "")
+    for head, info in metrics.get("heads", {}).items():
+        auroc = f"image AUROC {metrics[f'{head}_image_auroc']:.4f}, " if f"{head}_image_auroc" in metrics else ""
+        parts.append(f"{head} head: {auroc}kept epoch {info['kept_epoch']}")
     parts.append(f"scoring rule {metrics['scoring_rule']}" if "scoring_rule" in metrics else "")
     if "caff_context_chosen" in metrics:
         nll = ", ".join(f"{context} {value:.4f}" for context, value in metrics["caff_context_held_out_nll"].items())
@@ -295,28 +325,33 @@ def run(config: Config, ranks: Ranks | None = None) -> dict[str, Any] | None:
                          "out of the fit for every method; they pick the kept epoch and set the threshold"
              if config.val_fraction > 0 else "val_fraction 0: every normal training image is fitted; the last epoch is "
                                              "kept and the threshold comes from the fit images' scores (optimistic)"}
-    if config.method == "cflow":
+    if config.uses_stages():
         notes.update(stages=extractor.layers, map_normalization=config.map_norm,
                      map_normalization_note=MAP_NORM_NOTES[config.map_norm])
         print(f"CFLOW stages: {', '.join(extractor.layers)} (--layers {config.layers})")
     if ranks.distributed:
         return run_shared(config, local, ranks, tasks, extractor, (folder, out), notes, started)
     per_class: dict[str, dict[str, Any]] = {}
-    score_rows: list[tuple[str, str, int, float]] = []
+    score_rows: list[ScoreRow] = []
     wall = {"features": 0.0, "methods": 0.0}
     shared_test: dict[str, dict[str, Tensor]] = {}
     for task in tasks:
         step = time.perf_counter()
-        metrics, scores = run_task(config, task, extractor, folder, out, shared_test)
+        metrics, scores, head_scores = run_task(config, task, extractor, folder, out, shared_test)
         per_class[task.name] = metrics
-        score_rows += [(task.name, task.test.source(i), int(task.test_labels[i]), float(scores[i]))
-                       for i in range(len(task.test))]
+        score_rows += _score_rows(task, scores, head_scores)
         wall["features"] += metrics["feature_seconds"]
         wall["methods"] += time.perf_counter() - step - metrics["feature_seconds"]
         wall["total"] = time.perf_counter() - started
         write_scores_csv(out / "scores.csv", score_rows)
         write_results(config, out, per_class, wall, complete=False, notes=notes)
     return finish_run(config, out, per_class, wall, notes)
+
+
+def _score_rows(task: Task, scores: Any, head_scores: dict[str, Any]) -> list[ScoreRow]:
+    """scores.csv rows of one task's test images: task, path, label, score and each head's score."""
+    return [(task.name, task.test.source(i), int(task.test_labels[i]), float(scores[i]),
+             {head: float(values[i]) for head, values in head_scores.items()}) for i in range(len(task.test))]
 
 
 def finish_run(config: Config, out: Path, per_class: dict[str, dict[str, Any]], wall: dict[str, float],
@@ -356,8 +391,8 @@ def run_shared(config: Config, local: Config, ranks: Ranks, tasks: list[Task], e
                                    "rank shares (on several machines, a shared file system)")
         records.append(record)
     per_class = {task.name: record["metrics"] for task, record in zip(tasks, records)}
-    score_rows = [(task.name, task.test.source(i), int(task.test_labels[i]), record["scores"][i])
-                  for task, record in zip(tasks, records) for i in range(len(task.test))]
+    score_rows = [row for task, record in zip(tasks, records)
+                  for row in _score_rows(task, record["scores"], record.get("head_scores", {}))]
     features = sum(record["metrics"]["feature_seconds"] for record in records)
     wall = {"features": extract_seconds + features, "methods": sum(record["seconds"] for record in records) - features,
             "total": time.perf_counter() - started}
@@ -389,9 +424,11 @@ def run_or_reuse(config: Config, local: Config, task: Task, extractor: FeatureEx
         return
     path.unlink(missing_ok=True)
     step = time.perf_counter()
-    metrics, scores = run_task(local, task, extractor, folder, out, shared_test)
+    metrics, scores, head_scores = run_task(local, task, extractor, folder, out, shared_test)
     record = {"config": config.to_dict(), "checkpoint_sha256": file_sha256(checkpoint), "metrics": metrics,
-              "scores": [float(score) for score in scores], "seconds": time.perf_counter() - step}
+              "scores": [float(score) for score in scores],
+              "head_scores": {head: [float(score) for score in values] for head, values in head_scores.items()},
+              "seconds": time.perf_counter() - step}
     atomic_write_bytes(path, json.dumps(record, indent=1, allow_nan=True).encode())
 
 

@@ -7,10 +7,11 @@
   official code (github.com/gudovskiy/cflow-ad); differences from anomalib are named.
 - :class:`SANFModel`: SANF-AD (Ma, Lan et al., ICME 2023), a fixed whitening then the CAFF flow
   (``fusion.py``) over the semantic token, conditioned on the texture tokens.
-- Detectors (:class:`SANFDetector`, :class:`CFlowDetector`, :class:`KNNDetector`,
-  :class:`GaussianDetector`): frozen backbone + fitted head + token normalisation + a decision
-  threshold set on held-out normal training images, with ``fit`` / ``score`` / ``score_images`` /
-  ``predict`` (paths, PIL images or tensors → :class:`Prediction`) / ``save``; :func:`load_detector`
+- Detectors (:class:`SANFDetector`, :class:`CFlowDetector`, :class:`SANFCFlowDetector` (both, as two
+  heads on one backbone pass), :class:`KNNDetector`, :class:`GaussianDetector`): frozen backbone + fitted
+  head + token normalisation + a decision threshold set on held-out normal training images, with ``fit`` /
+  ``score`` / ``score_images`` / ``predict`` (paths, PIL images or tensors → :class:`Prediction`) / ``save``;
+  :func:`load_detector`
   reads a checkpoint back (``torch.load(weights_only=True)``: no pickled code runs) and refuses
   settings it was not trained with.
 """
@@ -38,7 +39,7 @@ from tqdm import tqdm
 from anomaly_map import (AnomalyMapGenerator, ScoringRule, StageStatistics, candidate_rules, on_cpu, select_scoring,
                          stage_statistics)
 from baselines import GaussianScorer, KNNScorer
-from config import Config, ConfigError, as_trained_before
+from config import Config, ConfigError, as_trained_before, head_config
 from datasets import DataError, ImageList, InputLoader
 from extractor import FeatureExtractor, image_batches, randomly_rotated
 from fusion import build_sanf_flow
@@ -439,6 +440,7 @@ SCORE_FIELDS: dict[str, tuple[str, ...]] = {
     "gaussian": ("scales", "token_norm", "gaussian_shrinkage"),
     "cflow": ("layers", "condition_dims", "n_flow_layers", "clamp", "permute_soft", "map_norm", "scoring"),
 }
+SCORE_FIELDS["sanf_cflow"] = tuple(dict.fromkeys(SCORE_FIELDS["sanf"] + SCORE_FIELDS["cflow"]))
 """Settings that change a trained detector's scores, per method: a checkpoint refuses other values."""
 
 
@@ -557,6 +559,7 @@ class Prediction:
     scores: np.ndarray  # (B,) image anomaly scores (higher: more anomalous)
     anomalous: np.ndarray  # (B,) bool: score above the detector's threshold (set on normal training images)
     maps: np.ndarray | None  # (B, S, S) anomaly maps at img_size (CFLOW), None for image-level methods
+    head_scores: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # head → (B,) (sanf_cflow)
 
 
 class Detector:
@@ -625,13 +628,17 @@ class Detector:
             self.threshold_rule += f"; {few}"
             if len(scores) < 5:  # printed where it is glaring; results.json's threshold_rule always says it
                 print(f"note: '{name}': {few}")
-        if self.method == "cflow" and self.config.map_norm != "train":
+        if self.config.uses_stages() and self.config.map_norm != "train":
             self.threshold_rule += (f"; with map_norm {self.config.map_norm} a score depends on the images scored with "
                                     "it, so the threshold is indicative only (map_norm train makes it exact)")
         return self.info
 
     def score_images(self, images: Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """uint8 images (B, 3, S, S) at ``img_size`` → image scores (B,) and anomaly maps (B, S, S) or None."""
+        return self.score_images_by_head(images)[:2]
+
+    def score_images_by_head(self, images: Tensor) -> tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray]]:
+        """:meth:`score_images` and each head's scores (B,) (``sanf_cflow``; else {})."""
         self.check_per_image_scores()
         size = self.config.img_size
         if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
@@ -641,12 +648,12 @@ class Detector:
         with record_function("predict.backbone"):
             features = self.features_of(self.extractor.view_features(images, self.config.view_set,
                                                                      self.config.test_views))
-        return self.score(features)
+        return self.score_by_head(features)
 
     def check_per_image_scores(self) -> None:
         """Stop with a DetectorError where a new image's score would depend on the images scored with it: CFLOW's
         ``map_norm`` test and batch normalise the maps by maxima over the scored set."""
-        if self.method == "cflow" and self.config.map_norm != "train":
+        if self.config.uses_stages() and self.config.map_norm != "train":
             raise DetectorError(f"this detector was trained with --map_norm {self.config.map_norm}, which normalises "
                                 "the maps over the images scored together, so a new image's score would depend on "
                                 "the others in its batch; retrain with --map_norm train to score new images "
@@ -666,13 +673,15 @@ class Detector:
         if not len(images):
             raise DataError("Detector.predict was given no image")
         image_list = ImageList.create([str(p) for p in range(len(images))], [0] * len(images), InputLoader(images))
-        scores, maps = [], []
+        scores, maps, head_scores = [], [], []
         for batch in image_batches(image_list, self.config, batch_size=batch_size or self.config.test_batch_size):
-            batch_scores, batch_maps = self.score_images(batch)
+            batch_scores, batch_maps, batch_heads = self.score_images_by_head(batch)
             scores.append(batch_scores)
             maps.append(batch_maps)
+            head_scores.append(batch_heads)
         all_scores = np.concatenate(scores)
-        return Prediction(all_scores, self.flagged(all_scores), None if maps[0] is None else np.concatenate(maps))
+        return Prediction(all_scores, self.flagged(all_scores), None if maps[0] is None else np.concatenate(maps),
+                          {head: np.concatenate([batch[head] for batch in head_scores]) for head in head_scores[0]})
 
     def flagged(self, scores: np.ndarray) -> np.ndarray:
         """Which scores are above the decision threshold."""
@@ -698,6 +707,10 @@ class Detector:
 
     def score(self, features: Any) -> tuple[np.ndarray, np.ndarray | None]:
         raise NotImplementedError
+
+    def score_by_head(self, features: Any) -> tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray]]:
+        """:meth:`score` and each head's own scores (a detector with heads; else {})."""
+        return *self.score(features), {}
 
     def features_of(self, backbone_outputs: dict[str, Tensor]) -> Any:
         raise NotImplementedError
@@ -926,7 +939,7 @@ class CFlowDetector(Detector):
         with torch.no_grad():
             outputs = [self.extractor(batch) for batch in defects.split(config.extract_batch_size)]
         defect_features = StageFeatures({stage: torch.cat([output[stage].float() for output in outputs])
-                                         for stage in outputs[0]})
+                                         for stage in self.model.stage_names})
         self.rule, rows = select_scoring(self.stage_log_likelihoods(held_out.first_view()), self.stage_log_likelihoods(
             defect_features), self.statistics, (config.img_size, config.img_size),
             candidate_rules(self.model.stage_names))
@@ -979,6 +992,114 @@ class CFlowDetector(Detector):
         self.rule = ScoringRule.parse(meta["rule"])
 
 
+TOKEN_NAMES = ("sem", "patches")
+"""The token arrays of a cache unit; the others of a ``sanf_cflow`` unit are the stage maps."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BothFeatures:
+    """``sanf_cflow`` features of a set of images: the SANF head's tokens and the CFLOW head's stage maps."""
+
+    tokens: TokenFeatures
+    stages: StageFeatures
+
+
+class SANFCFlowDetector(Detector):
+    """SANF-AD and CFLOW-AD as two heads on one backbone pass: CFLOW's anomaly maps, and as the image score the
+    larger of the two heads' scores, each standardised as a z score by the mean and standard deviation of its
+    scores on the held-out normal training images (anomalous when either head says so).
+
+    The rule is fixed, not tuned: a weighting chosen on synthetic defects would favour CFLOW's head, since such
+    defects are local. Each head trains as its method alone would (``config.head_config``), so its scores and
+    CFLOW's maps are those of ``--method sanf`` and ``--method cflow`` runs with the same settings.
+    """
+
+    method = "sanf_cflow"
+
+    def __init__(self, config: Config, extractor: FeatureExtractor | None = None) -> None:
+        super().__init__(config, extractor)
+        self.sanf = SANFDetector(head_config(config, "sanf"), extractor)
+        self.cflow = CFlowDetector(head_config(config, "cflow"), extractor)
+        self.standardisation: dict[str, tuple[float, float]] = {}
+
+    @property
+    def heads(self) -> dict[str, Detector]:
+        return {"sanf": self.sanf, "cflow": self.cflow}
+
+    def features_of(self, backbone_outputs: dict[str, Tensor]) -> BothFeatures:
+        return BothFeatures(self.sanf.features_of({name: backbone_outputs[name] for name in TOKEN_NAMES}),
+                            self.cflow.features_of({name: value for name, value in backbone_outputs.items()
+                                                    if name not in TOKEN_NAMES}))
+
+    def count(self, features: BothFeatures) -> int:
+        return self.sanf.count(features.tokens)
+
+    def _fit(self, fit: BothFeatures, held_out: BothFeatures | None, name: str,
+             held_out_images: ImageList | None = None) -> dict[str, Any]:
+        """Both heads, then each head's standardisation from its scores on the held-out images (without any:
+        on the fit images, as the threshold)."""
+        reference = fit if held_out is None else held_out
+        for head, detector in self.heads.items():
+            detector._extractor = self.extractor  # CFLOW's scoring auto extracts its synthetic defects
+            detector.fit(getattr(fit, "tokens" if head == "sanf" else "stages"),
+                         None if held_out is None else getattr(held_out, "tokens" if head == "sanf" else "stages"),
+                         name, held_out_images)
+        self.standardisation = {head: standardisation(scores) for head, scores in
+                                self._head_scores(reference).items()}
+        return {"heads": {head: detector.info for head, detector in self.heads.items()},
+                "head_standardisation": {head: {"mean": mean, "std": std}
+                                         for head, (mean, std) in self.standardisation.items()},
+                "combination": "max of the heads' z scores (held-out mean and standard deviation)"}
+
+    def _head_scores(self, features: BothFeatures, maps: list | None = None) -> dict[str, np.ndarray]:
+        sanf_scores = self.sanf.score(features.tokens)[0]
+        cflow_scores, cflow_maps = self.cflow.score(features.stages)
+        if maps is not None:
+            maps.append(cflow_maps)
+        return {"sanf": sanf_scores, "cflow": cflow_scores}
+
+    def score(self, features: BothFeatures) -> tuple[np.ndarray, np.ndarray]:
+        return self.score_by_head(features)[:2]
+
+    def score_by_head(self, features: BothFeatures) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """The combined scores (N,) float64, CFLOW's maps (N, S, S) and each head's raw scores."""
+        maps: list[np.ndarray] = []
+        head_scores = self._head_scores(features, maps)
+        z_scores = [(head_scores[head] - mean) / std for head, (mean, std) in self.standardisation.items()]
+        return np.max(z_scores, axis=0), maps[0], head_scores
+
+    def check_stages(self, extractor: FeatureExtractor) -> None:
+        self.cflow.check_stages(extractor)
+
+    def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        tensors, meta = {}, {"standardisation": self.standardisation, "heads": {}}
+        for head, detector in self.heads.items():
+            head_tensors, head_meta = detector._state()
+            tensors.update({f"{head}.{name}": tensor for name, tensor in head_tensors.items()})
+            meta["heads"][head] = {"meta": head_meta, "threshold": detector.threshold,
+                                   "map_threshold": detector.map_threshold, "threshold_rule": detector.threshold_rule,
+                                   "info": detector.info}
+        return tensors, {**meta, "caff_context": self.sanf.model.context}
+
+    def _restore(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        for head, detector in self.heads.items():
+            saved = meta["heads"][head]
+            detector._restore({name[len(head) + 1:]: tensor for name, tensor in tensors.items()
+                               if name.startswith(f"{head}.")}, saved["meta"])
+            detector.threshold, detector.map_threshold = saved["threshold"], saved["map_threshold"]
+            detector.threshold_rule, detector.info = saved["threshold_rule"], saved["info"]
+        self.standardisation = {head: (float(mean), float(std)) for head, (mean, std) in meta["standardisation"].items()}
+
+
+def standardisation(scores: np.ndarray) -> tuple[float, float]:
+    """Mean and sample standard deviation of a head's normal scores, by which its z scores are made; a spread
+    of 0 (a single image, or identical scores) stops with a DetectorError."""
+    if len(scores) < 2 or not np.std(scores) > 0:
+        raise DetectorError(f"the combined detector standardises each head's scores on the held-out normal images, "
+                            f"but {len(scores)} image(s) gave no spread: raise --val_fraction or add images")
+    return float(np.mean(scores)), float(np.std(scores, ddof=1))
+
+
 def anomaly_maps(stage_maps: dict[str, Tensor], config: Config, statistics: StageStatistics | None,
                  rule: ScoringRule) -> tuple[np.ndarray, np.ndarray]:
     """Image scores (N,) float64 under ``rule`` and the paper's anomaly maps (N, S, S) float32 at img_size.
@@ -1010,7 +1131,8 @@ def averaged_views(scores: np.ndarray, maps: np.ndarray, view_set: str, views: i
     return scores.reshape(-1, views).mean(axis=1), to_numpy(turned_back.mean(dim=1))
 
 
-DETECTORS: dict[str, type[Detector]] = {"sanf": SANFDetector, "cflow": CFlowDetector, "knn": KNNDetector,
+DETECTORS: dict[str, type[Detector]] = {"sanf": SANFDetector, "cflow": CFlowDetector,
+                                        "sanf_cflow": SANFCFlowDetector, "knn": KNNDetector,
                                         "gaussian": GaussianDetector}
 
 

@@ -3,8 +3,9 @@
     python predict.py --checkpoint results/<run>/checkpoints/bottle.pt --images DIR_OR_GLOB --out OUT
 
 Writes ``OUT/predictions.csv`` (``path,score,anomalous``: ``anomalous`` is 1 when the score is above
-the threshold stored in the checkpoint, which was set on held-out normal *training* images) and, for
-a CFLOW detector, ``OUT/maps/<name>.npy`` (float16, img_size x img_size) and ``OUT/overlays/<name>.png``
+the threshold stored in the checkpoint, which was set on held-out normal *training* images; a
+``sanf_cflow`` detector adds each head's score, ``score_sanf,score_cflow``) and, for a detector with
+maps (CFLOW, ``sanf_cflow``), ``OUT/maps/<name>.npy`` (float16, img_size x img_size) and ``OUT/overlays/<name>.png``
 per image. The outputs are written into ``OUT/.predict-partial`` and moved into place once every image
 is scored, replacing an earlier run's: a run that stops leaves the earlier outputs as they were. The
 checkpoint is read with ``torch.load(weights_only=True)``: no pickled code runs. The backbone comes from
@@ -105,21 +106,23 @@ def _predict_into(detector: Detector, images: list[str], out: Path, batch_size: 
     image_list = image_list_from_files([Path(p) for p in images])
     config = detector.config
     names = output_names(list(image_list.ids))
-    rows, started, position, flagged = [], time.perf_counter(), 0, 0
+    rows, started, position, flagged, header = [], time.perf_counter(), 0, 0, "path,score,anomalous"
     batches = image_batches(image_list, config, batch_size=batch_size)
     for batch in tqdm(batches, total=math.ceil(len(image_list) / batch_size), desc="predict", unit="batch"):
-        scores, maps = detector.score_images(batch)
+        scores, maps, head_scores = detector.score_images_by_head(batch)
+        header = ",".join(["path,score,anomalous", *(f"score_{head}" for head in head_scores)])
         for offset, score in enumerate(scores):
             anomalous = int(detector.flagged(score))
             flagged += anomalous
-            rows.append(f"{csv_field(image_list.ids[position + offset])},{float(score)!r},{anomalous}")
+            rows.append(",".join([csv_field(image_list.ids[position + offset]), repr(float(score)), str(anomalous),
+                                  *(repr(float(values[offset])) for values in head_scores.values())]))
         if maps is not None:
             with record_function("predict.outputs"):
                 _write_maps(out, names[position:position + len(scores)], maps, batch, detector.map_threshold,
                             overlays)
         position += len(scores)
     seconds = time.perf_counter() - started
-    atomic_write_bytes(out / "predictions.csv", ("\n".join(["path,score,anomalous", *rows]) + "\n").encode())
+    atomic_write_bytes(out / "predictions.csv", ("\n".join([header, *rows]) + "\n").encode())
     return {"images": len(rows), "flagged": flagged, "seconds": seconds,
             "images_per_second": len(rows) / max(seconds, 1e-9)}
 

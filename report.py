@@ -20,7 +20,7 @@ from utils import atomic_write_bytes, atomic_write_json
 def selection_note(config: Config) -> str:
     """What chose the kept epoch and the threshold (never the test set)."""
     f1 = ("; F1-max (CFLOW) is by its definition the F1 at the best threshold on the test set, a metric, not the "
-          "detector's threshold") if config.method == "cflow" else ""
+          "detector's threshold") if config.uses_stages() else ""
     if config.val_fraction > 0:
         return ("no epoch, threshold or setting was selected on the test set: the kept epoch and the decision "
                 f"threshold come from held-out normal training images{f1}")
@@ -118,6 +118,10 @@ def method_label(config: Config) -> str:
         return f"kNN (k={config.knn_k}, cosine)"
     if config.method == "gaussian":
         return "Gaussian (Mahalanobis)"
+    if config.method == "sanf_cflow":
+        fusion = "CAFF" if config.fusion == "caff" else "no CAFF"
+        return (f"SANF-AD ({fusion}) + CFLOW-AD (scoring {config.scoring}): the larger standardised score, CFLOW's "
+                f"maps normalised on {config.map_norm}")
     return f"CFLOW-AD (scoring {config.scoring}, maps normalised on {config.map_norm})"
 
 
@@ -136,7 +140,8 @@ def one_class_table(config: Config, per_class: dict[str, dict[str, Any]], mean: 
     return "\n".join([header, rule, row])
 
 
-CFLOW_ROWS = (("image_auroc", "Image AUROC", "{:.3f}"), ("pixel_auroc", "Pixel AUROC", "{:.3f}"),
+CFLOW_ROWS = (("image_auroc", "Image AUROC", "{:.3f}"), ("sanf_image_auroc", "SANF head image AUROC", "{:.3f}"),
+              ("cflow_image_auroc", "CFLOW head image AUROC", "{:.3f}"), ("pixel_auroc", "Pixel AUROC", "{:.3f}"),
               ("aupro", "AUPRO@0.3", "{:.3f}"), ("image_f1", "Image F1-max (best test threshold)", "{:.3f}"),
               ("pixel_f1", "Pixel F1-max (best test threshold)", "{:.3f}"),
               ("seconds_per_epoch", "Train s/epoch", "{:.1f}"),
@@ -174,16 +179,23 @@ def write_results(config: Config, folder: Path, per_class: dict[str, dict[str, A
     settings = (f"{config.dataset}, {config.backbone} ({config.img_size} px), "
                 f"{len(per_class)} {noun[len(per_class) != 1]}; "
                 f"image AUROC{' and localisation metrics' if localised else ''}; {selection_note(config)}.")
-    table = cflow_table if config.method == "cflow" else one_class_table
+    table = cflow_table if config.uses_stages() else one_class_table
     markdown = f"{table(config, per_class, mean)}\n\n{settings}\n"
     atomic_write_bytes(folder / "results.md", markdown.encode())
     return payload
 
 
-def write_scores_csv(path: Path, rows: list[tuple[str, str, int, float]]) -> None:
-    """Per-image scores of every task: ``task,path,label,score`` (scores with full float precision)."""
-    lines = ["task,path,label,score"] + [f"{csv_field(task)},{csv_field(source)},{label},{score!r}"
-                                          for task, source, label, score in rows]
+ScoreRow = tuple[str, str, int, float, dict[str, float]]
+"""One test image in scores.csv: task, path, label, score, and each head's score (``sanf_cflow``; else {})."""
+
+
+def write_scores_csv(path: Path, rows: list[ScoreRow]) -> None:
+    """Per-image scores of every task: ``task,path,label,score`` and, for a detector with heads, a
+    ``score_<head>`` column per head (scores with full float precision)."""
+    heads = list(rows[0][4]) if rows else []
+    lines = [",".join(["task,path,label,score", *(f"score_{head}" for head in heads)])]
+    lines += [",".join([csv_field(task), csv_field(source), str(label), repr(score),
+                        *(repr(head_scores[head]) for head in heads)]) for task, source, label, score, head_scores in rows]
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 

@@ -69,7 +69,9 @@ def test_predict_gives_the_scores_of_the_evaluation(method, tmp_path):
     task = load_tasks(config)[0]
     held_out = held_out_split(len(task.train), config.val_fraction, config.seed)[1]
     held_out_scores = load_detector(checkpoint).predict([task.train.source(i) for i in held_out]).scores
-    assert threshold == pytest.approx(np.quantile(held_out_scores, 1 - config.threshold_fpr), abs=1e-5)
+    # these 6 images go through the backbone as another batch than in the evaluation: float32 rounding of the
+    # features then differs, and the Gaussian's Mahalanobis scores (about 4,000 here) carry it relatively
+    assert threshold == pytest.approx(np.quantile(held_out_scores, 1 - config.threshold_fpr), rel=1e-5, abs=1e-5)
     for row in csv.DictReader(open(out / "predictions.csv")):
         assert int(row["anomalous"]) == int(float(row["score"]) > threshold)
     assert not (out / "maps").exists()  # image-level methods have no maps
