@@ -255,7 +255,8 @@ def _write_figures(config: Config, task: Task, detector: Detector, scores: np.nd
     trained = {"": detector.info, **{f"_{head}": info for head, info in detector.info.get("heads", {}).items()}}
     for suffix, info in trained.items():
         if "curve" in info and any("held_out_nll" in row for row in info["curve"]):
-            save_training_curve(info["curve"], info["kept_epoch"], f"{task.name}{suffix.replace('_', ' ')}: held-out NLL",
+            title = f"{task.name}{suffix.replace('_', ' ')}: held-out NLL"
+            save_training_curve(info["curve"], info["kept_epoch"], title,
                                 folder / "figures" / f"training_{task.name}{suffix}.png")
     if maps is not None:
         save_map_figure(task, scores, maps, masks, config, folder / "figures" / f"maps_{task.name}.png")

@@ -1088,7 +1088,8 @@ class SANFCFlowDetector(Detector):
                                if name.startswith(f"{head}.")}, saved["meta"])
             detector.threshold, detector.map_threshold = saved["threshold"], saved["map_threshold"]
             detector.threshold_rule, detector.info = saved["threshold_rule"], saved["info"]
-        self.standardisation = {head: (float(mean), float(std)) for head, (mean, std) in meta["standardisation"].items()}
+        self.standardisation = {head: (float(mean), float(std))
+                                for head, (mean, std) in meta["standardisation"].items()}
 
 
 def standardisation(scores: np.ndarray) -> tuple[float, float]:

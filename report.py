@@ -195,7 +195,8 @@ def write_scores_csv(path: Path, rows: list[ScoreRow]) -> None:
     heads = list(rows[0][4]) if rows else []
     lines = [",".join(["task,path,label,score", *(f"score_{head}" for head in heads)])]
     lines += [",".join([csv_field(task), csv_field(source), str(label), repr(score),
-                        *(repr(head_scores[head]) for head in heads)]) for task, source, label, score, head_scores in rows]
+                        *(repr(head_scores[head]) for head in heads)])
+              for task, source, label, score, head_scores in rows]
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 

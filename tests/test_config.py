@@ -198,8 +198,8 @@ def test_missing_config_file_is_named(tmp_path):
     (["--method", "cflow", "--layers", ""], "needs --layers"),
     (["--method", "knn", "--no-cache"], "method knn reads its features from the cache: drop --no-cache"),
     (["--method", "cflow", "--stage_workers", "0"], "stage_workers must be >= 1"),
-    (["--method", "cflow", "--stage_workers", "2", "--no-cache"], r"over cached features: use it with --method cflow \(or sanf_cflow\), "
-                                                                  "--cache and --device cpu"),
+    (["--method", "cflow", "--stage_workers", "2", "--no-cache"],
+     r"over cached features: use it with --method cflow \(or sanf_cflow\), --cache and --device cpu"),
     (["--method", "cflow", "--stage_workers", "2", "--device", "cuda"], "--device cpu"),
     (["--method", "sanf", "--stage_workers", "2"], "--method cflow"),
     (["--method", "sanf_cflow", "--layers", ""], "needs --layers"),
