@@ -6,12 +6,13 @@ Writes ``OUT/predictions.csv`` (``path,score,anomalous``: ``anomalous`` is 1 whe
 the threshold stored in the checkpoint, which was set on held-out normal *training* images; a
 ``sanf_cflow`` detector adds each head's score, ``score_sanf,score_cflow``) and, for a detector with
 maps (CFLOW, ``sanf_cflow``), ``OUT/maps/<name>.npy`` (float16, img_size x img_size) and
-``OUT/overlays/<name>.png`` per image. The outputs are written into ``OUT/.predict-partial`` and moved into place once every image
-is scored, replacing an earlier run's: a run that stops leaves the earlier outputs as they were. The
-checkpoint is read with ``torch.load(weights_only=True)``: no pickled code runs. The backbone comes from
-its recorded weights (``--weights FILE`` where that file lives elsewhere now; its hash must match). A CFLOW
-detector trained with ``--map_norm test`` or ``batch`` is refused: its maps are normalised over the images
-scored together, so an image's score would depend on its batch (``--map_norm train`` makes it its own).
+``OUT/overlays/<name>.png`` per image. The outputs are written into ``OUT/.predict-partial`` and moved
+into place once every image is scored, replacing an earlier run's: a run that stops leaves the earlier
+outputs as they were. The checkpoint is read with ``torch.load(weights_only=True)``: no pickled code
+runs. The backbone comes from its recorded weights (``--weights FILE`` where that file lives elsewhere
+now; its hash must match). A CFLOW detector trained with ``--map_norm test`` or ``batch`` is refused: its
+maps are normalised over the images scored together, so an image's score would depend on its batch
+(``--map_norm train`` makes it its own).
 """
 
 from __future__ import annotations
