@@ -4,6 +4,8 @@
   PANDA baseline without fine-tuning).
 - :class:`GaussianScorer`: squared Mahalanobis distance under one Gaussian fitted to the normal
   training features, with Ledoit-Wolf or fixed shrinkage of the covariance.
+- :class:`ViewWhitening`: one such Gaussian per view index (``--view_statistics per_view``), as a whitening
+  map: the Gaussian baseline's score and SANF-AD's start over views.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from utils import shrunk_covariance
 
@@ -73,3 +75,84 @@ class GaussianScorer:
     def score(self, features: Tensor) -> Tensor:
         assert self._centre is not None and self._factor is not None, "fit() first"
         return ((features.float() - self._centre) @ self._factor).square().sum(dim=1)
+
+
+class ViewWhitening(nn.Module):
+    """Per-view ZCA whitening x -> W_v (x - mu_v), with W_v = S_v^(-1/2) and S_v the shrunk covariance of the
+    fitted tokens of view v.
+
+    View v of every image is one fixed transform (``views.py``), so the tokens of a view have a mean and
+    covariance of their own; pooled, the V views make one wider Gaussian in which a defect can hide along the
+    axes that tell views apart. A shrunk covariance of n tokens is a multiple of the identity plus a term of
+    rank below n, so W_v is stored as ``floor_gain`` I + U diag(``axis_gain``) U^T with U (D, R), R = min(D, n):
+    O(V D R) numbers instead of O(V D^2).
+
+    Buffers: ``mean`` (V, D), ``axes`` (V, D, R), ``axis_gain`` (V, R), ``floor_gain`` (V,) and ``log_det`` (V,),
+    log|det W_v|, which a density over all views needs (the views' whitenings differ).
+    """
+
+    def __init__(self, views: int, dim: int, rank: int = 1) -> None:
+        super().__init__()
+        self.views, self.dim = views, dim
+        self._allocate(rank)
+
+    def _allocate(self, rank: int) -> None:
+        views, dim = self.views, self.dim
+        self.register_buffer("mean", torch.zeros(views, dim))
+        self.register_buffer("axes", torch.zeros(views, dim, rank))
+        self.register_buffer("axis_gain", torch.zeros(views, rank))
+        self.register_buffer("floor_gain", torch.ones(views))
+        self.register_buffer("log_det", torch.zeros(views))
+
+    @property
+    def rank(self) -> int:
+        return self.axes.shape[-1]
+
+    @torch.no_grad()
+    def fit(self, tokens: Tensor, view: Tensor, shrinkage: float = 0.0) -> list[float]:
+        """Fit on tokens (M, D) whose view indices are ``view`` (M,); returns each view's shrinkage used."""
+        counts = torch.bincount(view.cpu(), minlength=self.views)
+        if len(counts) > self.views or counts.min() < 2:
+            raise ValueError(f"per-view statistics need at least 2 tokens of each of the {self.views} views, got "
+                             f"{counts.tolist()}")
+        dtype = self.mean.dtype  # that of the module (a double model's stays double)
+        self._allocate(min(self.dim, int(counts.max())))
+        self.to(tokens.device, dtype)
+        used = []
+        for index in range(self.views):
+            rows = tokens[view == index]
+            mean, covariance, shrinkage_used = shrunk_covariance(rows, shrinkage)
+            eigenvalues, axes, floor = self._eigen(torch.from_numpy(covariance), rows.detach().cpu().double() - mean)
+            floor_gain = floor.rsqrt() if len(eigenvalues) < self.dim else torch.zeros((), dtype=torch.float64)
+            kept = len(eigenvalues)
+            self.mean[index] = mean.to(dtype)
+            self.axes[index, :, :kept] = axes.to(dtype)
+            self.axis_gain[index, :kept] = (eigenvalues.rsqrt() - floor_gain).to(dtype)
+            self.floor_gain[index] = floor_gain.to(dtype)
+            self.log_det[index] = float(-0.5 * (eigenvalues.log().sum() + (self.dim - kept) * floor.log()))
+            used.append(shrinkage_used)
+        return used
+
+    def _eigen(self, covariance: Tensor, centred: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Eigenvalues (R,), axes (D, R) and the floor eigenvalue of a shrunk covariance a X^T X + b I of centred
+        tokens X (n, D), float64. With n < D the span of X's rows (an orthonormal basis Q of n columns) holds every
+        eigenvalue above the floor b, so the eigen-decomposition of the n x n matrix Q^T C Q gives them, and b is
+        the mean of C's trace outside it: O(n D^2) work instead of a D x D eigen-decomposition."""
+        if len(centred) >= self.dim:
+            eigenvalues, axes = torch.linalg.eigh(covariance)
+            return eigenvalues.clamp_min(1e-12), axes, eigenvalues.new_tensor(1.0)
+        basis = torch.linalg.qr(centred.T).Q  # (D, n)
+        inside = basis.T @ covariance @ basis
+        eigenvalues, rotation = torch.linalg.eigh(inside)
+        floor = ((covariance.trace() - inside.trace()) / (self.dim - len(centred))).clamp_min(1e-12)
+        return eigenvalues.clamp_min(1e-12), basis @ rotation, floor
+
+    def forward(self, tokens: Tensor, view: Tensor) -> Tensor:
+        """Tokens (B, D) of views ``view`` (B,) → whitened (B, D)."""
+        whitened = torch.empty_like(tokens)
+        for index in range(self.views):
+            rows = view == index
+            centred = tokens[rows] - self.mean[index]
+            axes = self.axes[index]
+            whitened[rows] = centred * self.floor_gain[index] + ((centred @ axes) * self.axis_gain[index]) @ axes.T
+        return whitened

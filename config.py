@@ -138,6 +138,11 @@ class Config:
                           "principal axes of the normal training tokens (0 = all D channels, as the paper)")
     flow_channels: int = _opt("sanf", 0, "the flow transforms the first flow_channels principal axes of the whitened "
                               "semantic token and leaves the others as the whitened Gaussian (0 = all, as the paper)")
+    view_statistics: str = _opt("sanf", "pooled", "sanf / gaussian with views: pooled: one mean and shrunk "
+                                "covariance of all fitted views (SANF-AD's whitened start; the Gaussian baseline); "
+                                "per_view: one per view index, each view being one fixed transform, so the start is a "
+                                "Gaussian of the token given its view; needs test_views <= train_views",
+                                ("pooled", "per_view"))
     train_noise: float = _opt("sanf", 0.0, "std of Gaussian noise added to the whitened semantic tokens while training "
                               "(0 = none, as the paper)")
     hidden: int = _opt("sanf", 1024, "hidden width of every coupling subnet (paper 1024)")
@@ -440,6 +445,16 @@ def check_views_and_scales(config: Config) -> None:
     if not scales or scales[0] != 1 or any(not 0 < s <= 2 or round(config.img_size * s) < 16 for s in scales[1:]):
         raise ConfigError(f"--scales {config.scales}: the first scale must be 1 (the texture tokens' scale), the "
                           f"others in (0, 2] and at least 16 px at --img_size {config.img_size}")
+    if config.view_statistics == "per_view":
+        if config.method not in ("sanf", "gaussian", "sanf_cflow") or config.train_views < 2:
+            raise ConfigError("--view_statistics per_view fits one Gaussian per view index: use it with --method sanf, "
+                              "gaussian or sanf_cflow and --train_views 2 or more, or drop it")
+        if config.test_views > config.train_views:
+            raise ConfigError(f"--view_statistics per_view scores view v with view v's statistics, so --test_views "
+                              f"({config.test_views}) cannot exceed --train_views ({config.train_views})")
+        if config.token_dim or config.flow_channels:
+            raise ConfigError("--view_statistics per_view whitens every channel: use it with --token_dim 0 and "
+                              "--flow_channels 0")
     if max(config.train_views, config.test_views) > 1 and not config.cache:
         raise ConfigError("views are extracted once into the feature cache: drop --no-cache, or use --train_views 1 "
                           "--test_views 1 (--rotate_degrees rotates images on the fly)")
@@ -499,9 +514,10 @@ def _read_config_file(path: str) -> dict[str, Any]:
 
 FIELDS_ADDED_LATER: dict[str, Any] = {"adam_eps": 1e-8, "lr_schedule": "constant", "sub_epochs": 8,
                                       "rotate_degrees": 0.0, "view_set": "rot90", "train_views": 1, "test_views": 1,
-                                      "scales": "1"}
+                                      "scales": "1", "view_statistics": "pooled"}
 """Fields added after runs had been saved, with the value every run saved before them trained with (Adam's eps
-was torch's default; the learning rate was constant; no image was rotated; each image was one view at one scale)."""
+was torch's default; the learning rate was constant; no image was rotated; each image was one view at one scale,
+with one set of statistics for all views)."""
 
 
 def as_trained_before(saved: dict[str, Any]) -> dict[str, Any]:

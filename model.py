@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from anomaly_map import (AnomalyMapGenerator, ScoringRule, StageStatistics, candidate_rules, on_cpu, select_scoring,
                          stage_statistics)
-from baselines import GaussianScorer, KNNScorer
+from baselines import GaussianScorer, KNNScorer, ViewWhitening
 from config import Config, ConfigError, as_trained_before, head_config
 from datasets import DataError, ImageList, InputLoader
 from extractor import FeatureExtractor, image_batches, randomly_rotated
@@ -343,21 +343,33 @@ class SANFModel(nn.Module):
     with a few thousand normal images in 1280 dimensions the flow cannot learn that covariance
     from scratch in a few epochs.
 
+    With ``views`` V > 1 (``--view_statistics per_view``) each view index v has its own mean and whitening W_v
+    (:class:`baselines.ViewWhitening`, ZCA only): the flow then starts as one shrunk Gaussian per view, a
+    density of the token given its view, and every method below takes each token's view index ``view`` (B,).
+    The NLL then includes -log|det W_v|, which differs between views.
+
     Args:
         dim: D, channels of the semantic token.
         n_tokens: N, texture tokens per image.
         texture_dim: C, channels of the texture tokens (None: D).
         token_dim: channels the flow works on; 0 keeps all D.
         flow_channels: k, leading principal axes the flow transforms; 0 = all of them.
+        views: V, view indices with their own whitening (1: one whitening for all tokens).
+        view_rank: rank of the per-view whitening's low-rank part (set by fitting; needed to load one).
         n_layers, hidden, heads, clamp, context, fusion, seed: see ``fusion.build_sanf_flow``.
     """
 
     def __init__(self, dim: int, n_tokens: int, n_layers: int = 4, hidden: int = 1024, heads: int = 4,
                  clamp: float = 3.0, context: str = "half", fusion: bool = True, seed: int = 0,
-                 token_dim: int = 0, texture_dim: int | None = None, flow_channels: int = 0) -> None:
+                 token_dim: int = 0, texture_dim: int | None = None, flow_channels: int = 0, views: int = 1,
+                 view_rank: int = 1) -> None:
         super().__init__()
         if token_dim > dim:
             raise ValueError(f"token_dim ({token_dim}) cannot exceed the token width ({dim})")
+        if views > 1 and (token_dim or flow_channels):
+            raise ValueError("per-view statistics whiten every channel (ZCA): use them with token_dim 0 and "
+                             "flow_channels 0")
+        self.dim, self.views = dim, views
         self.flow_dim = token_dim or dim
         if flow_channels > self.flow_dim:
             raise ValueError(f"flow_channels ({flow_channels}) cannot exceed the {self.flow_dim} token channels")
@@ -369,8 +381,10 @@ class SANFModel(nn.Module):
                               f"its {dim} channels; these have {self.texture_dim} (a CNN's intermediate stage): use "
                               "--caff_context full, or --texture_layers last")
         self.context = context
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("whitening", torch.eye(dim)[:, : self.flow_dim].clone())
+        self.view_whitening = ViewWhitening(views, dim, view_rank) if views > 1 else None
+        if self.view_whitening is None:
+            self.register_buffer("mean", torch.zeros(dim))
+            self.register_buffer("whitening", torch.eye(dim)[:, : self.flow_dim].clone())
         self.register_buffer("texture_mean", torch.zeros(self.texture_dim))
         self.register_buffer("texture_scale", torch.ones(self.texture_dim))
         context_dim = self.flow_channels if context == "half" else self.texture_dim
@@ -378,9 +392,17 @@ class SANFModel(nn.Module):
                                     clamp=clamp, context=context, fusion=fusion, seed=seed, context_dim=context_dim)
 
     @torch.no_grad()
-    def fit_preprocessing(self, semantic_tokens: Tensor, texture_tokens: Tensor | None = None) -> None:
-        """Mean and whitening from the normal training semantic tokens (M, D); texture standardisation
-        from their texture tokens (M, N, C) for the "full" context."""
+    def fit_preprocessing(self, semantic_tokens: Tensor, texture_tokens: Tensor | None = None,
+                          view: Tensor | None = None) -> None:
+        """Mean and whitening from the normal training semantic tokens (M, D) (per view: of views ``view``
+        (M,)); texture standardisation from their texture tokens (M, N, C) for the "full" context."""
+        if texture_tokens is not None and self.context == "full":
+            channels = texture_tokens.detach().cpu().reshape(-1, texture_tokens.shape[-1]).double()  # float64: CPU
+            self.texture_mean.copy_(channels.mean(dim=0))
+            self.texture_scale.copy_(channels.std(dim=0).clamp_min(1e-6))
+        if self.view_whitening is not None:
+            self.view_whitening.fit(semantic_tokens, self._checked_views(view))
+            return
         mean, covariance, _ = shrunk_covariance(semantic_tokens)
         eigenvalues, eigenvectors = torch.linalg.eigh(torch.from_numpy(covariance))
         order = eigenvalues.argsort(descending=True)[: self.flow_dim]
@@ -389,43 +411,56 @@ class SANFModel(nn.Module):
             axes = axes @ eigenvectors[:, order].T  # ZCA: rotate back to the backbone's channels
         self.mean.copy_(mean)
         self.whitening.copy_(axes)
-        if texture_tokens is not None and self.context == "full":
-            channels = texture_tokens.detach().cpu().reshape(-1, texture_tokens.shape[-1]).double()  # float64: CPU
-            self.texture_mean.copy_(channels.mean(dim=0))
-            self.texture_scale.copy_(channels.std(dim=0).clamp_min(1e-6))
 
-    def preprocess(self, tokens: Tensor) -> Tensor:
-        """Semantic tokens (..., D) → (..., flow_dim)."""
-        return (tokens - self.mean) @ self.whitening
+    def _checked_views(self, view: Tensor | None) -> Tensor:
+        if view is None:
+            raise ValueError(f"this model whitens each of its {self.views} views apart: pass each token's view index")
+        return view
 
-    def preprocess_texture(self, texture_tokens: Tensor) -> Tensor:
+    def preprocess(self, tokens: Tensor, view: Tensor | None = None) -> Tensor:
+        """Semantic tokens (B, D) (or (B, N, D) with "half" texture tokens) of views ``view`` (B,) → (..., flow_dim);
+        ``view`` is needed only with per-view statistics."""
+        if self.view_whitening is None:
+            return (tokens - self.mean) @ self.whitening
+        view = self._checked_views(view)
+        if tokens.dim() == 3:
+            return self.view_whitening(tokens.flatten(0, 1), view.repeat_interleave(tokens.shape[1])).view_as(tokens)
+        return self.view_whitening(tokens, view)
+
+    def preprocess_texture(self, texture_tokens: Tensor, view: Tensor | None = None) -> Tensor:
         """Texture tokens (..., C) → the flow's condition: the semantic map ("half") or standardised ("full")."""
         if self.context == "half":
-            return self.preprocess(texture_tokens)[..., : self.flow_channels]
+            return self.preprocess(texture_tokens, view)[..., : self.flow_channels]
         return (texture_tokens - self.texture_mean) / self.texture_scale
 
-    def latent(self, semantic_tokens: Tensor, patch_tokens: Tensor, noise: float = 0.0) -> tuple[Tensor, Tensor]:
+    def latent(self, semantic_tokens: Tensor, patch_tokens: Tensor, noise: float = 0.0,
+               view: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """z (B, flow_dim) and log|det dz/dy| (B,) of the preprocessed semantic tokens, with Gaussian noise of
         std ``noise`` added to them after whitening (a training-time regulariser; 0 when scoring). The
-        flow moves the first ``flow_channels`` channels; the others are z as they are (log-det 0)."""
-        whitened = self.preprocess(semantic_tokens)
+        flow moves the first ``flow_channels`` channels; the others are z as they are (log-det 0). With per-view
+        statistics log|det dz/dy| includes the view's log|det W_v|."""
+        whitened = self.preprocess(semantic_tokens, view)
         if noise > 0:
             whitened = whitened + noise * torch.randn_like(whitened)
         head, tail = whitened.split([self.flow_channels, self.flow_dim - self.flow_channels], dim=-1)
-        z_head, log_jac_det = self.flow(head, c=[self.preprocess_texture(patch_tokens)])
+        z_head, log_jac_det = self.flow(head, c=[self.preprocess_texture(patch_tokens, view)])
+        if self.view_whitening is not None:
+            log_jac_det = log_jac_det + self.view_whitening.log_det[view]
         return torch.cat((z_head, tail), dim=-1), log_jac_det
 
-    def nll_per_dim(self, semantic_tokens: Tensor, patch_tokens: Tensor, noise: float = 0.0) -> Tensor:
+    def nll_per_dim(self, semantic_tokens: Tensor, patch_tokens: Tensor, noise: float = 0.0,
+                    view: Tensor | None = None) -> Tensor:
         """(||z||^2 / 2 - log|det J|) / flow_dim per image (B,): the training loss (Eq. 14 per dimension)."""
-        z, log_jac_det = self.latent(semantic_tokens, patch_tokens, noise)
+        z, log_jac_det = self.latent(semantic_tokens, patch_tokens, noise, view)
         return (0.5 * z.pow(2).sum(dim=1) - log_jac_det) / self.flow_dim
 
-    def anomaly_score(self, semantic_tokens: Tensor, patch_tokens: Tensor, score: str) -> Tensor:
+    def anomaly_score(self, semantic_tokens: Tensor, patch_tokens: Tensor, score: str,
+                      view: Tensor | None = None) -> Tensor:
         """nll: the negative log-likelihood per dimension; z2: mean(z^2), the public code (no log-det)."""
         if score == "nll":
-            return self.nll_per_dim(semantic_tokens, patch_tokens)
+            return self.nll_per_dim(semantic_tokens, patch_tokens, view=view)
         if score == "z2":
-            return self.latent(semantic_tokens, patch_tokens)[0].pow(2).mean(dim=1)
+            return self.latent(semantic_tokens, patch_tokens, view=view)[0].pow(2).mean(dim=1)
         raise ValueError(f"score must be 'nll' or 'z2', got {score!r}")
 
 
@@ -434,10 +469,10 @@ class SANFModel(nn.Module):
 DETECTOR_FORMAT = "nf-anomaly-detector/2"
 COMMON_SCORE_FIELDS = ("method", "backbone", "img_size", "view_set", "test_views")
 SCORE_FIELDS: dict[str, tuple[str, ...]] = {
-    "sanf": ("scales", "patch_grid", "texture_layers", "token_norm", "fusion", "caff_context", "n_flow_layers", "token_dim",
-             "flow_channels", "hidden", "heads", "clamp", "score"),
+    "sanf": ("scales", "patch_grid", "texture_layers", "token_norm", "view_statistics", "fusion", "caff_context",
+             "n_flow_layers", "token_dim", "flow_channels", "hidden", "heads", "clamp", "score"),
     "knn": ("scales", "token_norm", "knn_k"),
-    "gaussian": ("scales", "token_norm", "gaussian_shrinkage"),
+    "gaussian": ("scales", "token_norm", "view_statistics", "gaussian_shrinkage"),
     "cflow": ("layers", "condition_dims", "n_flow_layers", "clamp", "permute_soft", "map_norm", "scoring"),
 }
 SCORE_FIELDS["sanf_cflow"] = tuple(dict.fromkeys(SCORE_FIELDS["sanf"] + SCORE_FIELDS["cflow"]))
@@ -738,6 +773,17 @@ class _TokenDetector(Detector):
     def count(self, features: TokenFeatures) -> int:
         return len(features["sem"])
 
+    def per_view(self) -> bool:
+        return self.config.view_statistics == "per_view"
+
+    def with_view_index(self, tokens: TokenFeatures, views: int) -> TokenFeatures:
+        """Flat tokens, each image's ``views`` views next to each other, with ``view`` (M * V,), each row's view
+        index, where the statistics are per view (``view_statistics per_view``); otherwise as they are."""
+        if not self.per_view():
+            return tokens
+        rows = len(tokens["sem"])
+        return {**tokens, "view": torch.arange(rows, device=tokens["sem"].device) % views}
+
     def normalised(self, features: TokenFeatures) -> TokenFeatures:
         """``token_norm`` applied, on the device; non-finite features stop with a TrainingError."""
         tokens = {name: normalise_tokens(value.to(self.config.device).float(), self.config.token_norm)
@@ -752,7 +798,7 @@ class _TokenDetector(Detector):
         """Image scores (M,); with views (``sem`` (M, V, D)) the mean of each image's view scores (DifferNet)."""
         tokens = self.normalised(features)
         images, views = self.count(tokens), (tokens["sem"].shape[1] if tokens["sem"].dim() == 3 else 1)
-        tokens = flat_views(tokens)
+        tokens = self.with_view_index(flat_views(tokens), views)
         chunks = [self._score_tokens({name: value[start:start + 1024] for name, value in tokens.items()})
                   for start in range(0, len(tokens["sem"]), 1024)]
         return to_numpy(torch.cat(chunks).cpu().double().view(images, views).mean(dim=1)), None
@@ -770,14 +816,18 @@ class SANFDetector(_TokenDetector):
         super().__init__(config, extractor)
         self.model: SANFModel | None = None
 
-    def _build(self, dim: int, n_tokens: int, texture_dim: int, context: str) -> None:
+    def _build(self, dim: int, n_tokens: int, texture_dim: int, context: str, views: int | None = None,
+               view_rank: int = 1) -> None:
+        """A fresh seeded model; ``views`` with their own statistics: the fitted views (per view) or 1 (pooled)."""
         config = self.config
         try:  # seeded here: the subnets' initial weights do not depend on which classes ran before
             with _seeded_cpu_rngs(config.seed):
                 model = SANFModel(dim, n_tokens, n_layers=config.n_flow_layers, hidden=config.hidden,
                                   heads=config.heads, clamp=config.clamp, context=context,
                                   fusion=config.fusion == "caff", seed=config.seed, token_dim=config.token_dim,
-                                  texture_dim=texture_dim, flow_channels=config.flow_channels)
+                                  texture_dim=texture_dim, flow_channels=config.flow_channels,
+                                  views=views or (config.train_views if self.per_view() else 1),
+                                  view_rank=view_rank)
         except ValueError as error:  # shapes that do not fit the flow's settings (heads, token_dim)
             raise ConfigError(str(error)) from None
         self.model = model.to(config.device)
@@ -792,14 +842,15 @@ class SANFDetector(_TokenDetector):
 
     def _fit(self, fit: TokenFeatures, held_out: TokenFeatures | None, name: str,
              held_out_images: ImageList | None = None) -> dict[str, Any]:
-        tokens = flat_views(self.normalised(fit))
+        tokens = self.with_view_index(flat_views(self.normalised(fit)), self.config.train_views)
         (_, dim), (_, n_tokens, texture_dim) = tokens["sem"].shape, tokens["patches"].shape
-        held = None if held_out is None or self.count(held_out) == 0 else flat_views(self.normalised(held_out))
+        held = None if held_out is None or self.count(held_out) == 0 else self.with_view_index(
+            flat_views(self.normalised(held_out)), self.config.test_views)
         contexts = self._readings_to_train(dim, texture_dim, held is not None)
         trained: dict[str, tuple[SANFModel, dict[str, Any]]] = {}
         for context in contexts:
             self._build(dim, n_tokens, texture_dim, context)
-            self.model.fit_preprocessing(tokens["sem"], tokens["patches"])
+            self.model.fit_preprocessing(tokens["sem"], tokens["patches"], tokens.get("view"))
             label = f"{name} ({context})" if len(contexts) > 1 else name
             trained[context] = self.model, train_sanf(self.model, tokens, held, self.config, label)
 
@@ -818,16 +869,20 @@ class SANFDetector(_TokenDetector):
         return {**info, "caff_context": chosen, "parameters": sum(p.numel() for p in self.model.flow.parameters())}
 
     def _score_tokens(self, tokens: TokenFeatures) -> Tensor:
-        return self.model.anomaly_score(tokens["sem"], tokens["patches"], self.config.score)
+        return self.model.anomaly_score(tokens["sem"], tokens["patches"], self.config.score, tokens.get("view"))
 
     def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        return self.model.state_dict(), {"dim": self.model.mean.numel(), "n_tokens": self.model.n_tokens,
-                                         "texture_dim": self.model.texture_dim, "caff_context": self.model.context}
+        whitening = self.model.view_whitening
+        return self.model.state_dict(), {"dim": self.model.dim, "n_tokens": self.model.n_tokens,
+                                         "texture_dim": self.model.texture_dim, "caff_context": self.model.context,
+                                         "views": self.model.views,
+                                         "view_rank": whitening.rank if whitening is not None else 1}
 
     def _restore(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         # checkpoints from before --caff_context auto name their reading in their settings only
         context = meta.get("caff_context", self.config.caff_context)
-        self._build(meta["dim"], meta["n_tokens"], meta["texture_dim"], context)
+        self._build(meta["dim"], meta["n_tokens"], meta["texture_dim"], context, meta.get("views", 1),
+                    meta.get("view_rank", 1))
         self.model.load_state_dict(tensors, strict=True)
         self.model.eval()
 
@@ -860,27 +915,45 @@ class KNNDetector(_TokenDetector):
 
 
 class GaussianDetector(_TokenDetector):
-    """Gaussian baseline: squared Mahalanobis distance with a shrunk covariance of the fit images' tokens."""
+    """Gaussian baseline: squared Mahalanobis distance with a shrunk covariance of the fit images' tokens (with
+    ``view_statistics per_view``, of the fit tokens of the same view index: ||W_v (x - mu_v)||^2)."""
 
     method = "gaussian"
 
     def __init__(self, config: Config, extractor: FeatureExtractor | None = None) -> None:
         super().__init__(config, extractor)
         self.scorer = GaussianScorer(config.gaussian_shrinkage)
+        self.view_whitening: ViewWhitening | None = None
 
     def _fit(self, fit: TokenFeatures, held_out: TokenFeatures | None, name: str,
              held_out_images: ImageList | None = None) -> dict[str, Any]:
-        self.scorer.fit(flat_views(self.normalised(fit))["sem"])
-        return {"shrinkage": self.scorer.used_shrinkage}
+        tokens = flat_views(self.normalised(fit))
+        if not self.per_view():
+            self.scorer.fit(tokens["sem"])
+            return {"shrinkage": self.scorer.used_shrinkage}
+        self.view_whitening = ViewWhitening(self.config.train_views, tokens["sem"].shape[-1])
+        used = self.view_whitening.fit(tokens["sem"], self.with_view_index(tokens, self.config.train_views)["view"],
+                                       self.config.gaussian_shrinkage)
+        return {"shrinkage": used}
 
     def _score_tokens(self, tokens: TokenFeatures) -> Tensor:
+        if self.view_whitening is not None:
+            return self.view_whitening(tokens["sem"], tokens["view"]).square().sum(dim=1)
         return self.scorer.score(tokens["sem"])
 
     def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        if self.view_whitening is not None:
+            return self.view_whitening.state_dict(), {"view_rank": self.view_whitening.rank}
         return {"mean": self.scorer.mean, "precision": self.scorer.precision}, {}
 
     def _restore(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-        self.scorer.load(tensors["mean"], tensors["precision"], self.config.device)
+        if not self.per_view():
+            self.scorer.load(tensors["mean"], tensors["precision"], self.config.device)
+            return
+        views, dim = tensors["mean"].shape
+        self.view_whitening = ViewWhitening(views, dim, meta["view_rank"])
+        self.view_whitening.load_state_dict(tensors, strict=True)
+        self.view_whitening.to(self.config.device)
 
 
 DEFECT_COPIES = 3

@@ -209,7 +209,8 @@ def train_sanf(model: nn.Module, fit: dict[str, Tensor], held_out: dict[str, Ten
 
     Args:
         model: a ``SANFModel``.
-        fit, held_out: normalised ``sem`` (M, D) and ``patches`` (M, N, C) texture tokens.
+        fit, held_out: normalised ``sem`` (M, D) and ``patches`` (M, N, C) texture tokens; with per-view
+            statistics also ``view`` (M,), each token's view index.
     """
     generator = seed_everything(config.seed)
     parameters = list(model.flow.parameters())
@@ -225,7 +226,8 @@ def train_sanf(model: nn.Module, fit: dict[str, Tensor], held_out: dict[str, Ten
             losses, numbers = [], part.tolist()
             for batch in numbers:
                 index = batches[batch]
-                loss = model.nll_per_dim(fit["sem"][index], fit["patches"][index], config.train_noise).mean()
+                view = fit["view"][index] if "view" in fit else None
+                loss = model.nll_per_dim(fit["sem"][index], fit["patches"][index], config.train_noise, view).mean()
                 losses.append(_step(loss, optimizer, parameters, config))
             values = read_losses(losses, config, lambda step: f"epoch {epoch}, batch {numbers[step] + 1} of '{name}'")
             yield sum(values) / len(values)
@@ -233,8 +235,9 @@ def train_sanf(model: nn.Module, fit: dict[str, Tensor], held_out: dict[str, Ten
     @torch.no_grad()
     def held_out_nll() -> float:
         model.eval()
-        values = [model.nll_per_dim(sem, patches) for sem, patches in
-                  zip(held_out["sem"].split(1024), held_out["patches"].split(1024))]
+        views = held_out["view"].split(1024) if "view" in held_out else [None] * math.ceil(len(held_out["sem"]) / 1024)
+        values = [model.nll_per_dim(sem, patches, view=view) for sem, patches, view in
+                  zip(held_out["sem"].split(1024), held_out["patches"].split(1024), views)]
         return torch.cat(values).mean().item()
 
     started = time.perf_counter()

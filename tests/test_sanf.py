@@ -11,6 +11,7 @@ import pytest
 import torch
 from sklearn.covariance import LedoitWolf
 
+from baselines import ViewWhitening
 from config import make_config
 from conftest import kept_the_best_measurement, not_below_baseline
 from datasets import load_tasks
@@ -450,3 +451,70 @@ def test_the_task_line_names_the_caff_context_auto_kept_and_both_held_out_nlls()
                "score_seconds": 0.1, "test_flagged_fraction": 0.26}
     line = _task_line("magnetic_tile", metrics)
     assert "CAFF context half (held-out NLL full 0.4518, half 0.3366)" in line and "kept epoch 3" in line
+
+
+@pytest.mark.parametrize("count", [300, 9])  # more tokens per view than channels, and fewer (low-rank storage)
+def test_per_view_whitening_is_each_views_shrunk_gaussian(count):
+    """ViewWhitening against a brute-force reference: view v's tokens whitened by the inverse square root of their
+    own Ledoit-Wolf covariance (scikit-learn's), and log|det W_v| from numpy's eigenvalues."""
+    semantic, _ = correlated_tokens(3 * count)
+    semantic = semantic + torch.arange(3 * count).remainder(3).unsqueeze(1).double() * torch.linspace(0, 4, 16)
+    view = torch.arange(3 * count) % 3
+    whitening = ViewWhitening(3, 16).double()
+    whitening.fit(semantic, view)
+    assert whitening.rank == min(16, count)
+    whitened = whitening(semantic, view)
+    for index in range(3):
+        tokens = semantic[view == index].numpy()
+        covariance = LedoitWolf().fit(tokens).covariance_
+        eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+        reference = (tokens - tokens.mean(axis=0)) @ eigenvectors @ np.diag(eigenvalues ** -0.5) @ eigenvectors.T
+        np.testing.assert_allclose(whitened[view == index].numpy(), reference, atol=1e-8)
+        assert abs(whitening.log_det[index].item() + 0.5 * np.log(eigenvalues).sum()) < 1e-8
+
+
+def test_per_view_log_det_matches_autograd():
+    """With per-view statistics log|det dz/dy| of the whole map (the view's whitening included) equals autograd's,
+    for a token of each view; and the views' NLLs differ by their whitenings' log-dets."""
+    model = SANFModel(dim=16, n_tokens=3, n_layers=2, hidden=8, heads=2, context="half", views=2).double()
+    semantic, patches = correlated_tokens(200)
+    view = torch.arange(200) % 2
+    model.fit_preprocessing(semantic * (1 + view.unsqueeze(1).double()), patches, view)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.flow.parameters():
+            parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+    sample, context_tokens, sample_view = semantic[:4], patches[:4], view[:4]
+    z, log_det = model.latent(sample, context_tokens, view=sample_view)
+    for row in range(4):
+        jacobian = torch.autograd.functional.jacobian(
+            lambda y: model.latent(y[None], context_tokens[row:row + 1], view=sample_view[row:row + 1])[0][0],
+            sample[row])
+        torch.testing.assert_close(torch.linalg.slogdet(jacobian)[1], log_det[row])
+    with pytest.raises(ValueError, match="view index"):
+        model.latent(sample, context_tokens)
+
+
+def test_per_view_gaussian_scores_each_view_with_its_own_gaussian():
+    """--view_statistics per_view: an image's score is the mean over its views v of the squared Mahalanobis distance
+    of view v's token under the Ledoit-Wolf Gaussian of the fitted tokens of view v (numpy by hand); pooled, one
+    Gaussian of all fitted tokens scores them differently."""
+    semantic, _ = correlated_tokens(120 * 2)
+    views = semantic.float().view(120, 2, 16)
+    views[:, 1] = 3.0 * views[:, 1].flip(-1)  # view 1: another transform, another Gaussian
+    fit, test = views[:100], views[100:]
+    config = make_config("demo", method="gaussian", token_norm="none", view_statistics="per_view", train_views=2,
+                         test_views=2)
+    detector = GaussianDetector(config)
+    detector.fit({"sem": fit.flatten(0, 1)}, None, "toy")
+    scores = detector.score({"sem": test})[0]
+    reference = np.zeros(len(test))
+    for view in range(2):
+        tokens = fit[:, view].double().numpy()
+        precision = np.linalg.inv(LedoitWolf().fit(tokens).covariance_)
+        centred = test[:, view].double().numpy() - tokens.mean(axis=0)
+        reference += np.einsum("md,de,me->m", centred, precision, centred) / 2
+    np.testing.assert_allclose(scores, reference, rtol=1e-4)
+    pooled = GaussianDetector(make_config("demo", method="gaussian", token_norm="none", train_views=2, test_views=2))
+    pooled.fit({"sem": fit.flatten(0, 1)}, None, "toy")
+    assert not np.allclose(pooled.score({"sem": test})[0], reference, rtol=1e-2)

@@ -88,6 +88,12 @@ def test_view_counts_and_scales_are_checked():
     with pytest.raises(ConfigError, match="--no-cache"):
         make_config("cflow_lite0", test_views=4, cache=False)
     assert make_config("demo", train_views=3, test_views=5).cached_views("train") == 5
+    with pytest.raises(ConfigError, match="cannot exceed --train_views"):
+        make_config("demo", view_statistics="per_view", train_views=2, test_views=4)
+    with pytest.raises(ConfigError, match="--train_views 2 or more"):
+        make_config("demo", view_statistics="per_view", method="knn", train_views=4, test_views=4)
+    with pytest.raises(ConfigError, match="--token_dim 0"):
+        make_config("demo", view_statistics="per_view", train_views=4, test_views=4, flow_channels=8)
 
 
 def test_cached_views_round_trip_and_equal_the_views_features(tmp_path, demo_extractor):
@@ -139,11 +145,15 @@ def test_scales_concatenate_each_scales_pooled_token(demo_extractor):
     assert cache_folder(make_config("demo", scales="1,0.5", **cflow)) == cache_folder(make_config("demo", **cflow))
 
 
-@pytest.mark.parametrize("method", ["sanf", "cflow"])
-def test_predict_with_test_views_reproduces_the_evaluation(tmp_path, method):
-    """Detector.predict on the test images (decoded again) gives the scores of scores.csv, made from the cache."""
+@pytest.mark.parametrize("method,statistics", [("sanf", "pooled"), ("cflow", "pooled"), ("sanf", "per_view"),
+                                               ("gaussian", "per_view")])
+def test_predict_with_test_views_reproduces_the_evaluation(tmp_path, method, statistics):
+    """Detector.predict on the test images (decoded again) gives the scores of scores.csv, made from the cache;
+    with per-view statistics each view is scored with its own view's (the checkpoint holds them all)."""
+    views = dict(train_views=4, test_views=4, view_statistics=statistics) if statistics == "per_view" else dict(
+        train_views=2, test_views=4)
     config = make_config("demo", method=method, cache_dir=str(tmp_path / "cache"), results_dir=str(tmp_path / "r"),
-                         train_views=2, test_views=4, epochs=1, hidden=64, **{**SMALL, "max_test": 12})
+                         epochs=1, hidden=64, **views, **{**SMALL, "max_test": 12})
     run(config)
     folder = next((tmp_path / "r").iterdir())
     with open(folder / "scores.csv") as handle:
