@@ -872,17 +872,15 @@ class SANFDetector(_TokenDetector):
         return self.model.anomaly_score(tokens["sem"], tokens["patches"], self.config.score, tokens.get("view"))
 
     def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        whitening = self.model.view_whitening
         return self.model.state_dict(), {"dim": self.model.dim, "n_tokens": self.model.n_tokens,
-                                         "texture_dim": self.model.texture_dim, "caff_context": self.model.context,
-                                         "views": self.model.views,
-                                         "view_rank": whitening.rank if whitening is not None else 1}
+                                         "texture_dim": self.model.texture_dim, "caff_context": self.model.context}
 
     def _restore(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         # checkpoints from before --caff_context auto name their reading in their settings only
         context = meta.get("caff_context", self.config.caff_context)
-        self._build(meta["dim"], meta["n_tokens"], meta["texture_dim"], context, meta.get("views", 1),
-                    meta.get("view_rank", 1))
+        axes = tensors.get("view_whitening.axes")  # (V, D, R) with per-view statistics
+        views, rank = (1, 1) if axes is None else (axes.shape[0], axes.shape[-1])
+        self._build(meta["dim"], meta["n_tokens"], meta["texture_dim"], context, views, rank)
         self.model.load_state_dict(tensors, strict=True)
         self.model.eval()
 
@@ -943,15 +941,15 @@ class GaussianDetector(_TokenDetector):
 
     def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         if self.view_whitening is not None:
-            return self.view_whitening.state_dict(), {"view_rank": self.view_whitening.rank}
+            return self.view_whitening.state_dict(), {}
         return {"mean": self.scorer.mean, "precision": self.scorer.precision}, {}
 
     def _restore(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         if not self.per_view():
             self.scorer.load(tensors["mean"], tensors["precision"], self.config.device)
             return
-        views, dim = tensors["mean"].shape
-        self.view_whitening = ViewWhitening(views, dim, meta["view_rank"])
+        views, dim, rank = tensors["axes"].shape
+        self.view_whitening = ViewWhitening(views, dim, rank)
         self.view_whitening.load_state_dict(tensors, strict=True)
         self.view_whitening.to(self.config.device)
 

@@ -22,6 +22,7 @@ The loops take the models duck-typed (``SANFModel.nll_per_dim``; ``CFlowModel.fi
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import multiprocessing
 import signal
@@ -235,7 +236,7 @@ def train_sanf(model: nn.Module, fit: dict[str, Tensor], held_out: dict[str, Ten
     @torch.no_grad()
     def held_out_nll() -> float:
         model.eval()
-        views = held_out["view"].split(1024) if "view" in held_out else [None] * math.ceil(len(held_out["sem"]) / 1024)
+        views = held_out["view"].split(1024) if "view" in held_out else itertools.repeat(None)
         values = [model.nll_per_dim(sem, patches, view=view) for sem, patches, view in
                   zip(held_out["sem"].split(1024), held_out["patches"].split(1024), views)]
         return torch.cat(values).mean().item()
